@@ -1,0 +1,44 @@
+"""A thin wrapper over Orbax's CheckpointManager: train state + data-iterator state + config.
+
+Orbax writes each step into a temporary folder and commits it by rename, so a crash mid-save
+leaves the previous checkpoint usable.
+"""
+import os
+
+import grain
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  def __init__(self, workdir: str, *, every_steps: int, keep: int, async_save: bool):
+    self.manager = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=every_steps,
+            enable_async_checkpointing=async_save),
+    )
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iterator, config, *, force: bool = False) -> bool:
+    return self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        config=ocp.args.JsonSave(config.to_dict()),
+    ), force=force)
+
+  def restore(self, step: int, abstract_state, data_iterator):
+    """Restores the state into the shardings of `abstract_state` and the iterator in place."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(data_iterator),
+    ))
+    return restored.state
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()

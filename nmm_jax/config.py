@@ -1,0 +1,185 @@
+"""The config tree every experiment starts from, and its validation.
+
+Experiment files in configs/ call `base_config()` and change what they need. `validate` runs
+before any model is built or compiled and raises ConfigError naming the offending key.
+"""
+import ml_collections
+
+FUSIONS = ("early",)  # late fusion and MoE arrive with their own issue
+SCHEDULES = ("inverse_sqrt", "cosine")
+REMATS = ("none", "full", "save_dots")
+DTYPES = ("float32", "bfloat16")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+# Logical axis -> mesh axes (MaxText style). The first matching rule wins; a mesh axis already
+# used by an earlier dimension of the same array is skipped.
+DEFAULT_SHARDING_RULES = (
+    ("batch", ("data", "fsdp", "expert")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("exp", "expert"),
+    ("layers", None),
+    ("length", None),
+)
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = dict(
+      fusion="early",
+      vocab_size=128,
+      d_model=128,
+      num_layers=4,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=32,
+      mlp_dim=384,
+      qk_norm=True,
+      rope_theta=10_000.0,
+      norm_eps=1e-6,
+      tie_embeddings=False,
+      patch_size=8,
+      num_channels=3,
+      dtype="float32",        # compute dtype
+      param_dtype="float32",
+      remat="none",           # one of REMATS
+      moe=dict(num_experts=0, top_k=1),
+  )
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1)
+  c.sharding_rules = DEFAULT_SHARDING_RULES
+
+  c.data = dict(
+      dir="",                 # empty: generate the embedded shapes data under WORKDIR/data
+      seq_len=256,
+      image_size=32,
+      max_images=10,          # images per packed sequence
+      mixture=dict(caption=0.45, interleaved=0.45, text=0.10),
+      num_packing_bins=8,
+      synthetic=dict(train_docs=6000, eval_docs=300, seed=1234),
+  )
+  c.train = dict(
+      steps=300,
+      batch_size=16,          # global, in sequences
+      seed=0,
+      lr=3e-3,
+      warmup_steps=30,
+      schedule="inverse_sqrt",
+      cooldown_fraction=0.2,
+      weight_decay=0.1,
+      b1=0.9,
+      b2=0.95,
+      clip_norm=1.0,
+      log_every=10,
+  )
+  c.eval = dict(every_steps=100, num_batches=4)
+  c.checkpoint = dict(every_steps=100, keep=3, async_save=True)
+  return c
+
+
+def _fail(key, message):
+  raise ConfigError(f"config.{key}: {message}")
+
+
+def _require(ok, key, message):
+  if not ok:
+    _fail(key, message)
+
+
+def _positive_int(c, key):
+  value = c
+  for part in key.split("."):
+    value = value[part]
+  _require(isinstance(value, int) and value > 0, key, f"must be a positive integer, got {value!r}")
+  return value
+
+
+def resolve_mesh_shape(mesh_cfg, num_devices: int) -> dict:
+  """Mesh axis sizes with the one -1 replaced by the devices left over."""
+  sizes = {axis: mesh_cfg[axis] for axis in MESH_AXES}
+  free = [a for a, s in sizes.items() if s == -1]
+  for axis, size in sizes.items():
+    _require(isinstance(size, int) and (size > 0 or size == -1), f"mesh.{axis}",
+             f"must be a positive integer or -1, got {size!r}")
+  _require(len(free) <= 1, "mesh", f"only one axis may be -1, got {free}")
+  fixed = 1
+  for axis, size in sizes.items():
+    if size != -1:
+      fixed *= size
+  if free:
+    _require(num_devices % fixed == 0, f"mesh.{free[0]}",
+             f"the fixed axes {sizes} use {fixed} devices, which does not divide the "
+             f"{num_devices} devices available")
+    sizes[free[0]] = num_devices // fixed
+  total = 1
+  for size in sizes.values():
+    total *= size
+  _require(total == num_devices, "mesh",
+           f"{sizes} needs {total} devices but {num_devices} are available")
+  return sizes
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> dict:
+  """Checks every value the run depends on; returns the resolved mesh shape."""
+  m = c.model
+  _require(m.fusion in FUSIONS, "model.fusion", f"must be one of {FUSIONS}, got {m.fusion!r}")
+  for key in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+              "mlp_dim", "patch_size", "num_channels"):
+    _positive_int(c, f"model.{key}")
+  _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+           f"must divide model.num_heads={m.num_heads}, got {m.num_kv_heads}")
+  _require(m.head_dim % 2 == 0, "model.head_dim", f"must be even for RoPE, got {m.head_dim}")
+  _require(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
+  _require(m.param_dtype in DTYPES, "model.param_dtype",
+           f"must be one of {DTYPES}, got {m.param_dtype!r}")
+  _require(m.remat in REMATS, "model.remat", f"must be one of {REMATS}, got {m.remat!r}")
+  _require(m.moe.num_experts == 0, "model.moe.num_experts",
+           "mixture-of-experts layers are not built yet; use 0")
+
+  d = c.data
+  for key in ("seq_len", "image_size", "max_images", "num_packing_bins"):
+    _positive_int(c, f"data.{key}")
+  _require(d.image_size % m.patch_size == 0, "data.image_size",
+           f"must be a multiple of model.patch_size={m.patch_size}, got {d.image_size}")
+  weights = dict(d.mixture)
+  _require(weights and all(isinstance(w, (int, float)) and w >= 0 for w in weights.values())
+           and sum(weights.values()) > 0, "data.mixture",
+           f"must map source names to non-negative weights with a positive sum, got {weights}")
+
+  t = c.train
+  for key in ("steps", "batch_size", "log_every"):
+    _positive_int(c, f"train.{key}")
+  _require(isinstance(t.warmup_steps, int) and 0 <= t.warmup_steps <= t.steps, "train.warmup_steps",
+           f"must be an integer in [0, train.steps={t.steps}], got {t.warmup_steps!r}")
+  _require(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
+  _require(t.schedule in SCHEDULES, "train.schedule",
+           f"must be one of {SCHEDULES}, got {t.schedule!r}")
+  _require(0 <= t.cooldown_fraction <= 1, "train.cooldown_fraction",
+           f"must be in [0, 1], got {t.cooldown_fraction}")
+  _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+  _require(0 <= t.b1 < 1 and 0 <= t.b2 < 1, "train.b1/b2", f"must be in [0, 1), got {t.b1}, {t.b2}")
+  _require(t.clip_norm > 0, "train.clip_norm", f"must be positive, got {t.clip_norm}")
+  _positive_int(c, "eval.every_steps")
+  _positive_int(c, "eval.num_batches")
+  _positive_int(c, "checkpoint.every_steps")
+  _positive_int(c, "checkpoint.keep")
+
+  mesh = resolve_mesh_shape(c.mesh, num_devices)
+  batch_shards = mesh["data"] * mesh["fsdp"] * mesh["expert"]
+  _require(t.batch_size % batch_shards == 0, "train.batch_size",
+           f"{t.batch_size} is not divisible by the batch-sharding mesh axes "
+           f"data*fsdp*expert = {batch_shards}")
+  _require(t.batch_size % num_processes == 0, "train.batch_size",
+           f"{t.batch_size} is not divisible by the {num_processes} processes")
+  for axis, dim_key in (("tensor", "num_heads"), ("tensor", "num_kv_heads"), ("tensor", "mlp_dim"),
+                        ("tensor", "vocab_size"), ("fsdp", "d_model")):
+    _require(getattr(m, dim_key) % mesh[axis] == 0, f"model.{dim_key}",
+             f"{getattr(m, dim_key)} is not divisible by mesh.{axis}={mesh[axis]}")
+  return mesh

@@ -1,0 +1,1 @@
+"""Data: record schema, tokenizer, the embedded shapes dataset, shard writer, Grain pipeline."""

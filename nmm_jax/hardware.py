@@ -1,0 +1,45 @@
+"""Peak FLOP/s of a device: datasheet figures for accelerators, a measured matmul for anything."""
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense peak TFLOP/s per device. float32 on NVIDIA is the TF32 tensor-core rate: XLA runs f32
+# matmuls in TF32 there by default.
+DATASHEET_TFLOPS = {
+    "NVIDIA H100": {"bfloat16": 989.0, "float32": 494.0},   # SXM, dense, float32 = TF32
+    "NVIDIA H200": {"bfloat16": 989.0, "float32": 494.0},
+    "NVIDIA A100": {"bfloat16": 312.0, "float32": 156.0},
+    "TPU v4": {"bfloat16": 275.0, "float32": 275.0},
+    "TPU v5 lite": {"bfloat16": 197.0, "float32": 197.0},
+    "TPU v5p": {"bfloat16": 459.0, "float32": 459.0},
+    "TPU v6 lite": {"bfloat16": 918.0, "float32": 918.0},
+}
+
+
+def datasheet_tflops(device, dtype: str):
+  for name, peaks in DATASHEET_TFLOPS.items():
+    if device.device_kind.startswith(name):
+      return peaks[dtype]
+  return None
+
+
+def measure_matmul_tflops(dtype: str, size: int, repeats: int = 5, device=None) -> float:
+  """Best-of-`repeats` TFLOP/s of a [size, size] x [size, size] matmul on one device."""
+  device = device or jax.devices()[0]
+  a = jax.device_put(jax.random.normal(jax.random.key(0), (size, size), dtype), device)
+  b = jax.device_put(jax.random.normal(jax.random.key(1), (size, size), dtype), device)
+  matmul = jax.jit(jnp.matmul)
+  matmul(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * size ** 3 / best / 1e12
+
+
+def peak_tflops_per_device(dtype: str) -> float:
+  """Datasheet peak where known, else a quick measured one (CPU)."""
+  device = jax.devices()[0]
+  return datasheet_tflops(device, dtype) or measure_matmul_tflops(dtype, 1024, repeats=3)

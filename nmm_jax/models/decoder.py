@@ -1,0 +1,57 @@
+"""The decoder: pre-norm blocks (RMSNorm, GQA attention, SwiGLU) stacked with nnx.scan.
+
+The block is the Hugging Face Qwen3 block (Llama's when qk_norm is off), so the text decoder can
+be exported to those layouts.
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nmm_jax.models.attention import Attention
+from nmm_jax.models.layers import RMSNorm, SwiGLU
+
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: fastest when activations fit
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class DecoderBlock(nnx.Module):
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    dtype = jnp.dtype(cfg.param_dtype)
+    self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, axis_name="embed", param_dtype=dtype,
+                             rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, axis_name="embed", param_dtype=dtype,
+                            rngs=rngs)
+    self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, param_dtype=dtype, rngs=rngs)
+
+  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL):
+    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask_Bx1xLxL)
+    return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+
+
+class Decoder(nnx.Module):
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.remat = cfg.remat
+
+    # One block's parameters per layer along a leading "layers" axis, so the forward pass is a
+    # scan whose compile time does not grow with depth.
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_blocks(rngs):
+      return DecoderBlock(cfg, rngs=rngs)
+
+    self.blocks = make_blocks(rngs)
+
+  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL):
+    def apply_block(x_BxLxD, block):
+      return block(x_BxLxD, positions_BxL, mask_Bx1xLxL)
+
+    policy = REMAT_POLICIES[self.remat]
+    if self.remat != "none":
+      apply_block = nnx.remat(apply_block, policy=policy, prevent_cse=False)
+    scan = nnx.scan(apply_block, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+                    transform_metadata={nnx.PARTITION_NAME: "layers"})
+    return scan(x_BxLxD, self.blocks)

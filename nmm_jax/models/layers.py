@@ -1,0 +1,73 @@
+"""Building blocks shared by the decoder: parameters with logical axes, RMSNorm, RoPE, SwiGLU.
+
+Shape suffixes: B batch, L sequence length, D model width, H query heads, K kv heads,
+G query heads per kv head, E head dim, F mlp hidden, V vocabulary.
+"""
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def make_param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Sequence[str | None],
+               dtype=jnp.float32) -> nnx.Param:
+  """A parameter that carries its logical axis names (mapped to the mesh by `sharding.py`).
+
+  Sharding is applied by the caller (a jitted init with explicit out_shardings), not eagerly,
+  so a model can be built under `jax.eval_shape` without a mesh context.
+  """
+  assert len(shape) == len(axes), (shape, axes)
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype),
+                   out_sharding=tuple(axes), eager_sharding=False)
+
+
+def fan_in_init(fan_in_axes: int = 1):
+  """Normal init with std 1/sqrt(fan_in), fan_in = product of the leading `fan_in_axes` dims."""
+  def init(key, shape, dtype):
+    fan_in = 1
+    for d in shape[:fan_in_axes]:
+      fan_in *= d
+    return jax.random.normal(key, shape, dtype) * (fan_in ** -0.5)
+  return init
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, *, eps: float, axis_name: str, param_dtype, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = make_param(rngs, nnx.initializers.ones, (dim,), (axis_name,), param_dtype)
+
+  def __call__(self, x):
+    # Statistics in f32 even when activations are bf16: the mean of squares overflows/underflows
+    # easily in bf16.
+    x_f32 = x.astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(x_f32 * x_f32, axis=-1, keepdims=True) + self.eps)
+    return (x_f32 * inv_rms).astype(x.dtype) * self.scale.value.astype(x.dtype)
+
+
+def apply_rope(x_BxLxHxE, positions_BxL, theta: float):
+  """Rotary embedding in the half-split layout (the Hugging Face Llama/Qwen convention)."""
+  head_dim = x_BxLxHxE.shape[-1]
+  inv_freq_E2 = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angle_BxLxE2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq_E2
+  sin_BxLx1xE2 = jnp.sin(angle_BxLxE2)[:, :, None, :]
+  cos_BxLx1xE2 = jnp.cos(angle_BxLxE2)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxLxHxE.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos_BxLx1xE2 - x2 * sin_BxLx1xE2,
+                         x2 * cos_BxLx1xE2 + x1 * sin_BxLx1xE2], axis=-1)
+  return out.astype(x_BxLxHxE.dtype)
+
+
+class SwiGLU(nnx.Module):
+  def __init__(self, d_model: int, mlp_dim: int, *, param_dtype, rngs: nnx.Rngs):
+    # Gate and up projections live in one [D, 2, F] weight: one matmul instead of two.
+    self.w_gate_up_Dx2xF = make_param(rngs, fan_in_init(), (d_model, 2, mlp_dim),
+                                      ("embed", None, "mlp"), param_dtype)
+    self.w_down_FxD = make_param(rngs, fan_in_init(), (mlp_dim, d_model), ("mlp", "embed"),
+                                 param_dtype)
+
+  def __call__(self, x_BxLxD):
+    w_Dx2xF = self.w_gate_up_Dx2xF.value.astype(x_BxLxD.dtype)
+    gate_up_BxLx2xF = jnp.einsum("bld,dtf->bltf", x_BxLxD, w_Dx2xF)
+    h_BxLxF = jax.nn.silu(gate_up_BxLx2xF[:, :, 0]) * gate_up_BxLx2xF[:, :, 1]
+    return jnp.einsum("blf,fd->bld", h_BxLxF, self.w_down_FxD.value.astype(x_BxLxD.dtype))

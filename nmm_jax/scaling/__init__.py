@@ -1,0 +1,1 @@
+"""Scaling-law tooling: parameter/FLOP accounting (flops.py)."""

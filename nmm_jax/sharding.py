@@ -1,0 +1,56 @@
+"""Mesh from config, logical-axis rules -> PartitionSpecs, and shardings for params and batches."""
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from nmm_jax.config import MESH_AXES
+
+
+def make_mesh(mesh_shape: dict, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = tuple(mesh_shape[a] for a in MESH_AXES)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], rules, mesh: Mesh) -> PartitionSpec:
+  """Maps each logical axis name to mesh axes by the first matching rule.
+
+  Mesh axes of size 1 are dropped (they shard nothing), and a mesh axis already used by an
+  earlier dimension of the same array is not used again (a spec may name each axis once).
+  """
+  rule_table = {}
+  for logical, physical in rules:
+    rule_table.setdefault(logical, physical)
+  used = set()
+  spec = []
+  for logical in logical_axes:
+    physical = rule_table.get(logical) if logical is not None else None
+    if physical is None:
+      spec.append(None)
+      continue
+    physical = (physical,) if isinstance(physical, str) else tuple(physical)
+    kept = tuple(a for a in physical if mesh.shape[a] > 1 and a not in used)
+    used.update(kept)
+    spec.append(kept if len(kept) > 1 else (kept[0] if kept else None))
+  return PartitionSpec(*spec)
+
+
+def param_shardings(abstract_params: nnx.State, rules, mesh: Mesh):
+  """NamedSharding per parameter, from the logical axes each nnx.Param carries."""
+  def sharding_of(variable):
+    axes = variable.get_metadata().get("out_sharding") or (None,) * len(variable.value.shape)
+    return variable.replace(NamedSharding(mesh, logical_to_spec(axes, rules, mesh)))
+  return jax.tree.map(sharding_of, abstract_params,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
+  """Batch arrays shard their leading axis over the batch axes; the rest is replicated."""
+  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,1 @@
+"""Training: optimizer and schedules, train state, pure step functions, loss, metrics, the loop."""

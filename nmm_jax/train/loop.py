@@ -1,0 +1,162 @@
+"""The imperative shell: mesh, model, optimizer, data, checkpoints, the step loop, logging, eval.
+
+Stopping (SIGTERM) saves a checkpoint and returns; running the same command again resumes from
+the latest checkpoint, data-iterator position included.
+"""
+import functools
+import signal
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from nmm_jax import config as config_lib
+from nmm_jax import hardware, sharding
+from nmm_jax.checkpoint import Checkpointer
+from nmm_jax.data import pipeline
+from nmm_jax.scaling import flops
+from nmm_jax.train import optimizer as optimizer_lib
+from nmm_jax.train import state as state_lib
+from nmm_jax.train.loss import losses_from_sums
+from nmm_jax.train.metrics import MetricsWriter
+from nmm_jax.train.step import make_eval_step, make_train_step
+
+
+class _StopRequest:
+  """Set by SIGTERM; the loop checks it between steps, saves and returns."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def place_batch(batch, mesh, rules):
+  """Process-local numpy batch -> global jax arrays sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(
+      sharding.batch_sharding(mesh, rules, v.ndim), v) for k, v in batch.items()}
+
+
+def evaluate(eval_step, params, config, directory, mesh, source_names):
+  total = None
+  dataset = pipeline.make_dataset(config, directory, "eval", seed=config.train.seed)
+  for i, batch in enumerate(dataset):
+    if i == config.eval.num_batches:
+      break
+    sums = eval_step(params, place_batch(batch, mesh, config.sharding_rules))
+    total = sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
+  return losses_from_sums(jax.device_get(total), source_names, prefix="eval/")
+
+
+def format_record(step: int, record: dict) -> str:
+  def losses(prefix):
+    return " ".join(f"{k[len(prefix):]} {v:.3f}" for k, v in record.items()
+                    if k.startswith(prefix))
+  line = (f"step {step:5d} | loss {record['loss']:.4f} | {losses('loss/')} | "
+          f"lr {record['lr']:.2e} | {record['tokens_per_s']:.0f} tok/s | mfu {record['mfu']:.3f}")
+  if "eval/loss" in record:
+    line += f"\n           | eval loss {record['eval/loss']:.4f} | {losses('eval/loss/')}"
+  return line
+
+
+def train_and_evaluate(config, workdir: str) -> list[dict]:
+  """Runs (or resumes) training; returns the logged metric records of this invocation."""
+  mesh_shape = config_lib.validate(config, jax.device_count(), jax.process_count())
+  mesh = sharding.make_mesh(mesh_shape)
+  rules = config.sharding_rules
+  directory = pipeline.data_dir(config, workdir)
+  tokenizer = pipeline.load_tokenizer(directory)
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise config_lib.ConfigError(
+        f"config.model.vocab_size: {config.model.vocab_size} is smaller than the tokenizer's "
+        f"{tokenizer.vocab_size} entries in {directory}")
+  source_names = pipeline.source_names(config)
+
+  tx = optimizer_lib.make_optimizer(config.train)
+  schedule = optimizer_lib.learning_rate_schedule(config.train)
+  graphdef, abstract_params = state_lib.abstract_model_state(config.model)
+  state_sh = state_lib.state_shardings(abstract_params, tx, rules, mesh)
+  state = state_lib.create_state(config.model, tx, config.train.seed, state_sh)
+
+  data_iter = iter(pipeline.make_dataset(config, directory, "train", seed=config.train.seed))
+  checkpointer = Checkpointer(workdir, every_steps=config.checkpoint.every_steps,
+                              keep=config.checkpoint.keep,
+                              async_save=config.checkpoint.async_save)
+  start_step = checkpointer.latest_step() or 0
+  if start_step:
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
+    state = checkpointer.restore(start_step, abstract_state, data_iter)
+    logging.warning("Resumed from the checkpoint at step %d in %s", start_step, workdir)
+
+  batch_sh = {k: sharding.batch_sharding(mesh, rules, nd) for k, nd in (
+      ("tokens", 2), ("targets", 2), ("loss_mask", 2), ("image_ids", 2), ("patch_ids", 2),
+      ("source", 2), ("segment_ids", 2), ("positions", 2), ("images", 5))}
+  train_step = jax.jit(make_train_step(graphdef, tx, schedule, len(source_names)),
+                       in_shardings=(state_sh, batch_sh),
+                       out_shardings=(state_sh, sharding.replicated(mesh)),
+                       donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(graphdef, len(source_names)),
+                      in_shardings=(state_sh["params"], batch_sh),
+                      out_shardings=sharding.replicated(mesh))
+
+  seq_flops = flops.train_flops_per_sequence(config.model, config.data.seq_len)
+  step_flops = seq_flops * config.train.batch_size
+  peak_flops = hardware.peak_tflops_per_device(config.model.dtype) * 1e12 * jax.device_count()
+  tokens_per_step = config.train.batch_size * config.data.seq_len
+
+  writer = MetricsWriter(workdir, resume_step=start_step)
+  stop = _StopRequest()
+  records = []
+  is_main = jax.process_index() == 0
+  progress = tqdm(total=config.train.steps, initial=start_step, disable=not is_main,
+                  desc="train", unit="step", dynamic_ncols=True)
+  window_start, window_steps = time.perf_counter(), 0
+  step = start_step
+  try:
+    while step < config.train.steps:
+      batch = place_batch(next(data_iter), mesh, rules)
+      state, metrics = train_step(state, batch)
+      step += 1
+      window_steps += 1
+      progress.update(1)
+
+      eval_now = step % config.eval.every_steps == 0 or step == config.train.steps
+      if eval_now or step % config.train.log_every == 0:
+        metrics = jax.device_get(metrics)
+        step_time = (time.perf_counter() - window_start) / window_steps
+        record = losses_from_sums(metrics["sums"], source_names)
+        if not np.isfinite(record["loss"]):
+          raise FloatingPointError(f"loss is {record['loss']} at step {step}")
+        record.update(lr=metrics["lr"], grad_norm=metrics["grad_norm"],
+                      tokens_per_s=tokens_per_step / step_time, step_time_s=step_time,
+                      mfu=step_flops / step_time / peak_flops)
+        if eval_now:
+          record.update(evaluate(eval_step, state["params"], config, directory, mesh,
+                                 source_names))
+        writer.write(step, record)
+        records.append({"step": step, **record})
+        progress.set_postfix(loss=f"{record['loss']:.3f}")
+        if is_main:
+          progress.write(format_record(step, record))
+        window_start, window_steps = time.perf_counter(), 0
+
+      checkpointer.save(step, state, data_iter, config,
+                        force=step == config.train.steps or stop.requested)
+      if stop.requested:
+        logging.warning("SIGTERM: saved a checkpoint at step %d, stopping", step)
+        break
+  finally:
+    progress.close()
+    checkpointer.close()
+    writer.close()
+    stop.restore()
+  return records
