@@ -10,23 +10,24 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-  def __init__(self, workdir: str, *, every_steps: int, keep: int, async_save: bool):
+  """Saves when asked: the caller owns the policy (every N steps, last step, on SIGTERM)."""
+
+  def __init__(self, workdir: str, *, keep: int, async_save: bool):
     self.manager = ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), "checkpoints"),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=every_steps,
-            enable_async_checkpointing=async_save),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                             enable_async_checkpointing=async_save),
     )
 
   def latest_step(self):
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_iterator, config, *, force: bool = False) -> bool:
-    return self.manager.save(step, args=ocp.args.Composite(
+  def save(self, step: int, state, data_iterator, config):
+    self.manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iterator),
         config=ocp.args.JsonSave(config.to_dict()),
-    ), force=force)
+    ))
 
   def restore(self, step: int, abstract_state, data_iterator):
     """Restores the state into the shardings of `abstract_state` and the iterator in place."""

@@ -41,7 +41,7 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules, mesh: Mesh) -> Pa
 def param_shardings(abstract_params: nnx.State, rules, mesh: Mesh):
   """NamedSharding per parameter, from the logical axes each nnx.Param carries."""
   def sharding_of(variable):
-    axes = variable.get_metadata().get("out_sharding") or (None,) * len(variable.value.shape)
+    axes = variable.get_metadata().get("out_sharding") or (None,) * len(variable.get_value().shape)
     return variable.replace(NamedSharding(mesh, logical_to_spec(axes, rules, mesh)))
   return jax.tree.map(sharding_of, abstract_params,
                       is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -41,7 +41,7 @@ class Attention(nnx.Module):
       self.q_norm = self.k_norm = None
 
   def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL):
-    cast = lambda p: p.value.astype(x_BxLxD.dtype)
+    cast = lambda p: p[...].astype(x_BxLxD.dtype)
     q_BxLxHxE = jnp.einsum("bld,dhe->blhe", x_BxLxD, cast(self.w_q_DxHxE))
     k_BxLxKxE = jnp.einsum("bld,dke->blke", x_BxLxD, cast(self.w_k_DxKxE))
     v_BxLxKxE = jnp.einsum("bld,dke->blke", x_BxLxD, cast(self.w_v_DxKxE))

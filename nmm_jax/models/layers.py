@@ -42,7 +42,7 @@ class RMSNorm(nnx.Module):
     # easily in bf16.
     x_f32 = x.astype(jnp.float32)
     inv_rms = jax.lax.rsqrt(jnp.mean(x_f32 * x_f32, axis=-1, keepdims=True) + self.eps)
-    return (x_f32 * inv_rms).astype(x.dtype) * self.scale.value.astype(x.dtype)
+    return (x_f32 * inv_rms).astype(x.dtype) * self.scale[...].astype(x.dtype)
 
 
 def apply_rope(x_BxLxHxE, positions_BxL, theta: float):
@@ -67,7 +67,7 @@ class SwiGLU(nnx.Module):
                                  param_dtype)
 
   def __call__(self, x_BxLxD):
-    w_Dx2xF = self.w_gate_up_Dx2xF.value.astype(x_BxLxD.dtype)
+    w_Dx2xF = self.w_gate_up_Dx2xF[...].astype(x_BxLxD.dtype)
     gate_up_BxLx2xF = jnp.einsum("bld,dtf->bltf", x_BxLxD, w_Dx2xF)
     h_BxLxF = jax.nn.silu(gate_up_BxLx2xF[:, :, 0]) * gate_up_BxLx2xF[:, :, 1]
-    return jnp.einsum("blf,fd->bld", h_BxLxF, self.w_down_FxD.value.astype(x_BxLxD.dtype))
+    return jnp.einsum("blf,fd->bld", h_BxLxF, self.w_down_FxD[...].astype(x_BxLxD.dtype))

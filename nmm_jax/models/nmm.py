@@ -43,19 +43,19 @@ class NMM(nnx.Module):
 
   def head_weight_DxV(self):
     if self.tie_embeddings:
-      return self.embed_VxD.value.T
-    return self.head_DxV.value
+      return self.embed_VxD[...].T
+    return self.head_DxV[...]
 
   def embed(self, batch):
     """Token embeddings, with each image position replaced by its projected patch."""
     tokens_BxL = batch["tokens"]
-    x_BxLxD = jnp.take(self.embed_VxD.value, tokens_BxL, axis=0)
+    x_BxLxD = jnp.take(self.embed_VxD[...], tokens_BxL, axis=0)
     if "images" not in batch:  # text-only batches (benchmarks, text evaluation)
       return x_BxLxD.astype(self.compute_dtype)
     patches_BxIxPxC = patchify(batch["images"], self.patch_size).astype(self.compute_dtype)
     b, i, p, _ = patches_BxIxPxC.shape
     patch_emb_BxNxD = jnp.einsum("bipc,cd->bipd", patches_BxIxPxC,
-                                 self.patch_proj_PxD.value.astype(self.compute_dtype)
+                                 self.patch_proj_PxD[...].astype(self.compute_dtype)
                                  ).reshape(b, i * p, -1)
     image_ids_BxL, patch_ids_BxL = batch["image_ids"], batch["patch_ids"]
     is_image_BxL = image_ids_BxL >= 0

@@ -67,10 +67,14 @@ def format_record(step: int, record: dict) -> str:
   return line
 
 
-def train_and_evaluate(config, workdir: str) -> list[dict]:
-  """Runs (or resumes) training; returns the logged metric records of this invocation."""
-  mesh_shape = config_lib.validate(config, jax.device_count(), jax.process_count())
-  mesh = sharding.make_mesh(mesh_shape)
+def train_and_evaluate(config, workdir: str, devices=None) -> list[dict]:
+  """Runs (or resumes) training; returns the logged metric records of this invocation.
+
+  `devices` (default: all) is the set the mesh is built over.
+  """
+  devices = jax.devices() if devices is None else devices
+  mesh_shape = config_lib.validate(config, len(devices), jax.process_count())
+  mesh = sharding.make_mesh(mesh_shape, devices)
   rules = config.sharding_rules
   directory = pipeline.data_dir(config, workdir)
   tokenizer = pipeline.load_tokenizer(directory)
@@ -87,8 +91,7 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
   state = state_lib.create_state(config.model, tx, config.train.seed, state_sh)
 
   data_iter = iter(pipeline.make_dataset(config, directory, "train", seed=config.train.seed))
-  checkpointer = Checkpointer(workdir, every_steps=config.checkpoint.every_steps,
-                              keep=config.checkpoint.keep,
+  checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep,
                               async_save=config.checkpoint.async_save)
   start_step = checkpointer.latest_step() or 0
   if start_step:
@@ -110,7 +113,7 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
 
   seq_flops = flops.train_flops_per_sequence(config.model, config.data.seq_len)
   step_flops = seq_flops * config.train.batch_size
-  peak_flops = hardware.peak_tflops_per_device(config.model.dtype) * 1e12 * jax.device_count()
+  peak_flops = hardware.peak_tflops_per_device(config.model.dtype) * 1e12 * len(devices)
   tokens_per_step = config.train.batch_size * config.data.seq_len
 
   writer = MetricsWriter(workdir, resume_step=start_step)
@@ -149,8 +152,9 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
           progress.write(format_record(step, record))
         window_start, window_steps = time.perf_counter(), 0
 
-      checkpointer.save(step, state, data_iter, config,
-                        force=step == config.train.steps or stop.requested)
+      if (step % config.checkpoint.every_steps == 0 or step == config.train.steps
+          or stop.requested):
+        checkpointer.save(step, state, data_iter, config)
       if stop.requested:
         logging.warning("SIGTERM: saved a checkpoint at step %d, stopping", step)
         break

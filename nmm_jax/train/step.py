@@ -21,7 +21,7 @@ def make_train_step(graphdef, tx, schedule, num_sources):
     (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state["step"]), "sums": sums}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
   return train_step

@@ -1,0 +1,39 @@
+"""Tests run JAX on the CPU with 8 fake devices, so every sharding path runs without accelerators."""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402  (must come after XLA_FLAGS)
+import pytest  # noqa: E402
+
+from nmm_jax.config import base_config  # noqa: E402
+
+
+def tiny_config(**overrides):
+  """configs/tiny.py with dotted-key overrides, e.g. tiny_config(**{"train.steps": 5})."""
+  import importlib.util
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+  spec = importlib.util.spec_from_file_location("tiny_config_file", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="session")
+def shapes_data_dir(tmp_path_factory):
+  """The tiny config's embedded shapes shards, built once per test session."""
+  from nmm_jax.data import pipeline
+  workdir = tmp_path_factory.mktemp("shared_run")
+  return pipeline.data_dir(tiny_config(), str(workdir))
+
+
+assert jax.device_count() == 8, "tests expect 8 fake CPU devices"

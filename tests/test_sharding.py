@@ -1,0 +1,54 @@
+"""A sharded run equals an unsharded one, and the large parameters really are split."""
+import jax
+import numpy as np
+from flax import nnx
+
+from conftest import tiny_config
+from nmm_jax import sharding
+from nmm_jax.train import optimizer, state
+from nmm_jax.train.loop import train_and_evaluate
+
+STEPS = 5
+
+
+def _losses(records):
+  return np.array([r["loss"] for r in records])
+
+
+def test_sharded_equals_unsharded(tmp_path, shapes_data_dir):
+  overrides = {"train.steps": STEPS, "data.dir": shapes_data_dir, "eval.every_steps": 100,
+               "checkpoint.every_steps": 100}
+  single = train_and_evaluate(
+      tiny_config(**overrides, **{"mesh.data": 1}), str(tmp_path / "single"),
+      devices=jax.devices()[:1])
+  sharded = train_and_evaluate(
+      tiny_config(**overrides, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}),
+      str(tmp_path / "sharded"))
+  single_losses, sharded_losses = _losses(single), _losses(sharded)
+  assert len(single_losses) == STEPS
+  np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-4)
+  assert single_losses[-1] < single_losses[0]  # the steps really trained
+
+
+def test_large_parameters_are_split():
+  config = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2, expert=1))
+  tx = optimizer.make_optimizer(config.train)
+  _, abstract = state.abstract_model_state(config.model)
+  shardings = state.state_shardings(abstract, tx, config.sharding_rules, mesh)
+  train_state = state.create_state(config.model, tx, 0, shardings)
+  params = train_state["params"]
+  head = params["head_DxV"].get_value()
+  # [embed -> fsdp, vocab -> tensor]: each device holds a quarter.
+  assert head.sharding.shard_shape(head.shape) == (head.shape[0] // 2, head.shape[1] // 2)
+  mlp = params["decoder"]["blocks"]["mlp"]["w_gate_up_Dx2xF"].get_value()  # [layers, D, 2, F]
+  assert mlp.sharding.shard_shape(mlp.shape) == (mlp.shape[0], mlp.shape[1] // 2, 2,
+                                                 mlp.shape[3] // 2)
+  assert len({s.device for s in mlp.addressable_shards}) == 8
+  # Adam moments follow their parameter's sharding.
+  mu = train_state["opt_state"][1][0].mu["head_DxV"].get_value()
+  assert mu.sharding.is_equivalent_to(head.sharding, head.ndim)
+  # Every parameter has logical axes for each of its dimensions.
+  for path, variable in nnx.to_flat_state(abstract):
+    axes = variable.get_metadata()["out_sharding"]
+    assert len(axes) == variable.get_value().ndim, path
