@@ -60,20 +60,23 @@ def document_features(doc, tokenizer, source_id: int, patches_per_image: int, im
       ids += words
       image_ids += [-1] * len(words)
       patch_ids += [-1] * len(words)
-  ids.append(EOS)
-  ids = np.asarray(ids, np.int32)
+  # image_ids/patch_ids describe the inputs: every id except the final EOS.
+  ids = np.asarray(ids + [EOS], np.int32)
   targets = ids[1:]
-  n = len(targets)
-  return {
+  features = {
       "tokens": ids[:-1],
       "targets": targets,
       "loss_mask": (~np.isin(targets, NON_TEXT_IDS)).astype(np.float32),
-      "image_ids": np.asarray(image_ids[:-1], np.int32),
-      "patch_ids": np.asarray(patch_ids[:-1], np.int32),
-      "source": np.full((n,), source_id, np.int32),
-      "images": (np.stack(images) if images
-                 else np.zeros((0, image_size, image_size, 3), np.uint8)),
+      "image_ids": np.asarray(image_ids, np.int32),
+      "patch_ids": np.asarray(patch_ids, np.int32),
+      "source": np.full(targets.shape, source_id, np.int32),
   }
+  # The packer packs each feature on its own: unequal lengths would silently misalign them.
+  assert all(len(v) == len(targets) for v in features.values()), {
+      k: len(v) for k, v in features.items()}
+  features["images"] = (np.stack(images) if images
+                        else np.zeros((0, image_size, image_size, 3), np.uint8))
+  return features
 
 
 def assign_global_image_ids(batch):

@@ -14,6 +14,8 @@ COMPLETE_MARKER = "COMPLETE"
 
 
 def shard_paths(directory: str, split: str) -> list[str]:
+  if not os.path.isdir(directory):
+    return []
   return sorted(os.path.join(directory, f) for f in os.listdir(directory)
                 if f.startswith(f"{split}-") and f.endswith(".array_record"))
 

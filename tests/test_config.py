@@ -1,0 +1,57 @@
+"""Bad configs fail at once, before any compile, with a message naming the key."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tiny_config
+from nmm_jax.config import ConfigError, validate
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"train.steps": -5}, "config.train.steps"),
+    ({"train.steps": 0}, "config.train.steps"),
+    ({"model.fusion": "middle"}, "config.model.fusion"),
+    ({"mesh.data": 3}, "config.mesh"),
+    ({"mesh.data": 3, "mesh.fsdp": -1}, "config.mesh.fsdp"),
+    ({"mesh.data": -1, "mesh.fsdp": -1}, "config.mesh"),
+    ({"train.batch_size": 12}, "config.train.batch_size"),
+    ({"model.num_kv_heads": 3}, "config.model.num_kv_heads"),
+    ({"mesh.data": 2, "mesh.tensor": 4, "model.num_kv_heads": 2}, "config.model.num_kv_heads"),
+    ({"model.remat": "sometimes"}, "config.model.remat"),
+    ({"train.schedule": "linear"}, "config.train.schedule"),
+    ({"data.image_size": 18}, "config.data.image_size"),
+    ({"data.mixture": {"caption": -1.0}}, "config.data.mixture"),
+    ({"model.moe.num_experts": 8}, "config.model.moe.num_experts"),
+])
+def test_bad_value_names_key(overrides, key):
+  with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+    validate(tiny_config(**overrides), num_devices=8)
+
+
+def test_good_config_resolves_mesh():
+  assert validate(tiny_config(), 8) == dict(data=8, fsdp=1, tensor=1, expert=1)
+  assert validate(tiny_config(**{"mesh.data": 2, "mesh.fsdp": -1, "mesh.tensor": 2}), 8) == \
+      dict(data=2, fsdp=2, tensor=2, expert=1)
+
+
+def _train_cli(tmp_path, *flags):
+  return subprocess.run(
+      [sys.executable, "-m", "nmm_jax.train", "--config=configs/tiny.py",
+       f"--workdir={tmp_path}", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_rejects_unknown_key(tmp_path):
+  result = _train_cli(tmp_path, "--config.train.stepz=10")
+  assert result.returncode != 0
+  assert "stepz" in result.stderr
+
+
+def test_cli_rejects_bad_value_before_building_anything(tmp_path):
+  result = _train_cli(tmp_path, "--config.train.steps=-1")
+  assert result.returncode != 0
+  assert "config.train.steps: must be a positive integer, got -1" in result.stderr
+  assert not os.path.exists(tmp_path / "data")  # failed before data, model or compile
