@@ -78,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
       b2=0.95,
       clip_norm=1.0,
       log_every=10,
+      loss_chunk=64,          # sequence positions per chunk of the fused LM head + loss
   )
   c.eval = dict(every_steps=100, num_batches=4)
   c.checkpoint = dict(every_steps=100, keep=3, async_save=True)
@@ -154,8 +155,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
            f"must map source names to non-negative weights with a positive sum, got {weights}")
 
   t = c.train
-  for key in ("steps", "batch_size", "log_every"):
+  for key in ("steps", "batch_size", "log_every", "loss_chunk"):
     _positive_int(c, f"train.{key}")
+  _require(d.seq_len % t.loss_chunk == 0, "train.loss_chunk",
+           f"must divide data.seq_len={d.seq_len}, got {t.loss_chunk}")
   _require(isinstance(t.warmup_steps, int) and 0 <= t.warmup_steps <= t.steps, "train.warmup_steps",
            f"must be an integer in [0, train.steps={t.steps}], got {t.warmup_steps!r}")
   _require(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")

@@ -29,7 +29,6 @@ class Attention(nnx.Module):
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     d, h, k, e = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dtype = jnp.dtype(cfg.param_dtype)
-    self.rope_theta = cfg.rope_theta
     self.w_q_DxHxE = make_param(rngs, fan_in_init(), (d, h, e), ("embed", "heads", None), dtype)
     self.w_k_DxKxE = make_param(rngs, fan_in_init(), (d, k, e), ("embed", "kv_heads", None), dtype)
     self.w_v_DxKxE = make_param(rngs, fan_in_init(), (d, k, e), ("embed", "kv_heads", None), dtype)
@@ -40,15 +39,15 @@ class Attention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
 
-  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL):
+  def __call__(self, x_BxLxD, rope, mask_Bx1xLxL):
     cast = lambda p: p[...].astype(x_BxLxD.dtype)
     q_BxLxHxE = jnp.einsum("bld,dhe->blhe", x_BxLxD, cast(self.w_q_DxHxE))
     k_BxLxKxE = jnp.einsum("bld,dke->blke", x_BxLxD, cast(self.w_k_DxKxE))
     v_BxLxKxE = jnp.einsum("bld,dke->blke", x_BxLxD, cast(self.w_v_DxKxE))
     if self.q_norm is not None:
       q_BxLxHxE, k_BxLxKxE = self.q_norm(q_BxLxHxE), self.k_norm(k_BxLxKxE)
-    q_BxLxHxE = apply_rope(q_BxLxHxE, positions_BxL, self.rope_theta)
-    k_BxLxKxE = apply_rope(k_BxLxKxE, positions_BxL, self.rope_theta)
+    q_BxLxHxE = apply_rope(q_BxLxHxE, rope)
+    k_BxLxKxE = apply_rope(k_BxLxKxE, rope)
 
     b, l, h, e = q_BxLxHxE.shape
     kv = k_BxLxKxE.shape[2]
@@ -58,7 +57,12 @@ class Attention(nnx.Module):
     logits_BxKxGxLxL = jnp.einsum("blkge,bmke->bkglm", q_BxLxKxGxE, k_BxLxKxE)
     logits_BxKxGxLxL = jnp.where(mask_Bx1xLxL[:, :, None], logits_BxKxGxLxL.astype(jnp.float32),
                                  _MASKED)
-    probs_BxKxGxLxL = jax.nn.softmax(logits_BxKxGxLxL, axis=-1).astype(x_BxLxD.dtype)
-    out_BxLxKxGxE = jnp.einsum("bkglm,bmke->blkge", probs_BxKxGxLxL, v_BxLxKxE)
+    # Softmax normalised after the PV product: dividing [B, L, H, E] is cheaper than [B, H, L, L].
+    max_BxKxGxLx1 = jax.lax.stop_gradient(jnp.max(logits_BxKxGxLxL, axis=-1, keepdims=True))
+    exp_BxKxGxLxL = jnp.exp(logits_BxKxGxLxL - max_BxKxGxLx1)
+    sum_BxLxKxG = jnp.moveaxis(jnp.sum(exp_BxKxGxLxL, axis=-1), 3, 1)
+    out_BxLxKxGxE = jnp.einsum("bkglm,bmke->blkge", exp_BxKxGxLxL.astype(x_BxLxD.dtype),
+                               v_BxLxKxE)
+    out_BxLxKxGxE = out_BxLxKxGxE / sum_BxLxKxG[..., None].astype(x_BxLxD.dtype)
     out_BxLxHxE = out_BxLxKxGxE.reshape(b, l, h, e)
     return jnp.einsum("blhe,hed->bld", out_BxLxHxE, cast(self.w_o_HxExD))

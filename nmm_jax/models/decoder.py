@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nmm_jax.models.attention import Attention
-from nmm_jax.models.layers import RMSNorm, SwiGLU
+from nmm_jax.models.layers import RMSNorm, SwiGLU, rope_tables
 
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation: fastest when activations fit
@@ -27,14 +27,15 @@ class DecoderBlock(nnx.Module):
                             rngs=rngs)
     self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, param_dtype=dtype, rngs=rngs)
 
-  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL):
-    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask_Bx1xLxL)
+  def __call__(self, x_BxLxD, rope, mask_Bx1xLxL):
+    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), rope, mask_Bx1xLxL)
     return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
 
 
 class Decoder(nnx.Module):
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.remat = cfg.remat
+    self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
 
     # One block's parameters per layer along a leading "layers" axis, so the forward pass is a
     # scan whose compile time does not grow with depth.
@@ -46,8 +47,10 @@ class Decoder(nnx.Module):
     self.blocks = make_blocks(rngs)
 
   def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL):
+    rope = rope_tables(positions_BxL, self.head_dim, self.rope_theta)
+
     def apply_block(x_BxLxD, block):
-      return block(x_BxLxD, positions_BxL, mask_Bx1xLxL)
+      return block(x_BxLxD, rope, mask_Bx1xLxL)
 
     policy = REMAT_POLICIES[self.remat]
     if self.remat != "none":

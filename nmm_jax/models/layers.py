@@ -45,13 +45,16 @@ class RMSNorm(nnx.Module):
     return (x_f32 * inv_rms).astype(x.dtype) * self.scale[...].astype(x.dtype)
 
 
-def apply_rope(x_BxLxHxE, positions_BxL, theta: float):
-  """Rotary embedding in the half-split layout (the Hugging Face Llama/Qwen convention)."""
-  head_dim = x_BxLxHxE.shape[-1]
+def rope_tables(positions_BxL, head_dim: int, theta: float):
+  """(sin, cos) [B, L, 1, E/2], computed once per forward and shared by every layer."""
   inv_freq_E2 = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   angle_BxLxE2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq_E2
-  sin_BxLx1xE2 = jnp.sin(angle_BxLxE2)[:, :, None, :]
-  cos_BxLx1xE2 = jnp.cos(angle_BxLxE2)[:, :, None, :]
+  return jnp.sin(angle_BxLxE2)[:, :, None, :], jnp.cos(angle_BxLxE2)[:, :, None, :]
+
+
+def apply_rope(x_BxLxHxE, rope):
+  """Rotary embedding in the half-split layout (the Hugging Face Llama/Qwen convention)."""
+  sin_BxLx1xE2, cos_BxLx1xE2 = rope
   x1, x2 = jnp.split(x_BxLxHxE.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos_BxLx1xE2 - x2 * sin_BxLx1xE2,
                          x2 * cos_BxLx1xE2 + x1 * sin_BxLx1xE2], axis=-1)

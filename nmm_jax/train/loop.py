@@ -74,6 +74,14 @@ def train_and_evaluate(config, workdir: str, devices=None) -> list[dict]:
   """
   devices = jax.devices() if devices is None else devices
   mesh_shape = config_lib.validate(config, len(devices), jax.process_count())
+  stop = _StopRequest()  # first: a SIGTERM during start-up must not kill the process either
+  try:
+    return _train(config, workdir, devices, mesh_shape, stop)
+  finally:
+    stop.restore()
+
+
+def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
   mesh = sharding.make_mesh(mesh_shape, devices)
   rules = config.sharding_rules
   directory = pipeline.data_dir(config, workdir)
@@ -103,11 +111,12 @@ def train_and_evaluate(config, workdir: str, devices=None) -> list[dict]:
   batch_sh = {k: sharding.batch_sharding(mesh, rules, nd) for k, nd in (
       ("tokens", 2), ("targets", 2), ("loss_mask", 2), ("image_ids", 2), ("patch_ids", 2),
       ("source", 2), ("segment_ids", 2), ("positions", 2), ("images", 5))}
-  train_step = jax.jit(make_train_step(graphdef, tx, schedule, len(source_names)),
+  train_step = jax.jit(make_train_step(graphdef, tx, schedule, len(source_names),
+                                       config.train.loss_chunk),
                        in_shardings=(state_sh, batch_sh),
                        out_shardings=(state_sh, sharding.replicated(mesh)),
                        donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(graphdef, len(source_names)),
+  eval_step = jax.jit(make_eval_step(graphdef, len(source_names), config.train.loss_chunk),
                       in_shardings=(state_sh["params"], batch_sh),
                       out_shardings=sharding.replicated(mesh))
 
@@ -117,15 +126,14 @@ def train_and_evaluate(config, workdir: str, devices=None) -> list[dict]:
   tokens_per_step = config.train.batch_size * config.data.seq_len
 
   writer = MetricsWriter(workdir, resume_step=start_step)
-  stop = _StopRequest()
   records = []
   is_main = jax.process_index() == 0
   progress = tqdm(total=config.train.steps, initial=start_step, disable=not is_main,
                   desc="train", unit="step", dynamic_ncols=True)
   window_start, window_steps = time.perf_counter(), 0
-  step = start_step
+  step = last_saved = start_step
   try:
-    while step < config.train.steps:
+    while step < config.train.steps and not stop.requested:
       batch = place_batch(next(data_iter), mesh, rules)
       state, metrics = train_step(state, batch)
       step += 1
@@ -152,15 +160,15 @@ def train_and_evaluate(config, workdir: str, devices=None) -> list[dict]:
           progress.write(format_record(step, record))
         window_start, window_steps = time.perf_counter(), 0
 
-      if (step % config.checkpoint.every_steps == 0 or step == config.train.steps
-          or stop.requested):
+      if step % config.checkpoint.every_steps == 0 or step == config.train.steps:
         checkpointer.save(step, state, data_iter, config)
-      if stop.requested:
-        logging.warning("SIGTERM: saved a checkpoint at step %d, stopping", step)
-        break
+        last_saved = step
+    if stop.requested:
+      if step > last_saved:
+        checkpointer.save(step, state, data_iter, config)
+      logging.warning("SIGTERM: checkpoint at step %d saved, stopping", step)
   finally:
     progress.close()
     checkpointer.close()
     writer.close()
-    stop.restore()
   return records

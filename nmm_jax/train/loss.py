@@ -1,13 +1,87 @@
-"""Next-token cross-entropy on text targets, and its per-source breakdown."""
+"""Next-token cross-entropy on text targets, and its per-source breakdown.
+
+The LM head and the loss are fused (`weighted_nll`): over a vocabulary of 32k, the [tokens, vocab]
+logits and their gradient dominate memory traffic. The loss weights (mask / token count) are
+known in the forward pass, so the gradients of the weighted sum are computed there, chunk by
+chunk along the sequence, while each chunk's logits are hot in cache; the backward pass only
+scales them by the incoming cotangent. Same FLOPs as the plain version (6·T·D·V), no [T, V]
+array, and no recomputation.
+"""
+import functools
+
+import jax
 import jax.numpy as jnp
-import optax
 
 
-def token_nll(hidden_BxLxD, head_DxV, targets_BxL):
-  """Per-token negative log-likelihood [B, L] (f32)."""
-  logits_BxLxV = jnp.einsum("bld,dv->blv", hidden_BxLxD, head_DxV.astype(hidden_BxLxD.dtype))
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32),
-                                                         targets_BxL)
+def _chunked(x_BxL, chunk: int):
+  """[B, L, ...] -> [L/chunk, B, chunk, ...]: chunks along the sequence keep batch sharding."""
+  b, l = x_BxL.shape[:2]
+  return jnp.moveaxis(x_BxL.reshape(b, l // chunk, chunk, *x_BxL.shape[2:]), 1, 0)
+
+
+def _unchunked(x_NxBxC, shape):
+  return jnp.moveaxis(x_NxBxC, 0, 1).reshape(shape)
+
+
+def _chunk_logits(h_BxCxD, head_DxV):
+  return jnp.einsum("bcd,dv->bcv", h_BxCxD, head_DxV.astype(h_BxCxD.dtype)).astype(jnp.float32)
+
+
+def _nll_from_logits(logits_BxCxV, targets_BxC):
+  lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+  target_logit_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+  return lse_BxC, lse_BxC - target_logit_BxC
+
+
+def token_nll(hidden_BxLxD, head_DxV, targets_BxL, chunk: int):
+  """Per-token negative log-likelihood [B, L] (f32), chunked along L; forward only."""
+  def body(_, xs):
+    h_BxCxD, t_BxC = xs
+    return None, _nll_from_logits(_chunk_logits(h_BxCxD, head_DxV), t_BxC)[1]
+  _, nll = jax.lax.scan(body, None, (_chunked(hidden_BxLxD, chunk), _chunked(targets_BxL, chunk)))
+  return _unchunked(nll, targets_BxL.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def weighted_nll(hidden_BxLxD, head_DxV, targets_BxL, weights_BxL, chunk: int):
+  """(sum(weights * nll), nll [B, L]). Differentiable in hidden and head through the sum only:
+  the per-token nll output is for metrics and carries no gradient."""
+  nll_BxL = token_nll(hidden_BxLxD, head_DxV, targets_BxL, chunk)
+  return jnp.sum(nll_BxL * weights_BxL), nll_BxL
+
+
+def _weighted_nll_fwd(hidden_BxLxD, head_DxV, targets_BxL, weights_BxL, chunk):
+  head_f32 = head_DxV.astype(jnp.float32)
+
+  def body(d_head_DxV, xs):
+    h_BxCxD, t_BxC, w_BxC = xs
+    logits_BxCxV = _chunk_logits(h_BxCxD, head_DxV)
+    lse_BxC, nll_BxC = _nll_from_logits(logits_BxCxV, t_BxC)
+    # d(w * nll)/d logits = w * (softmax - onehot(target)). (Measured on XLA:CPU: sharing one exp
+    # pass with the logsumexp, or scattering the onehot, are both slower than this.)
+    d_logits_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None]) * w_BxC[..., None]
+    d_logits_BxCxV = d_logits_BxCxV - jax.nn.one_hot(t_BxC, head_DxV.shape[1]) * w_BxC[..., None]
+    d_h_BxCxD = jnp.einsum("bcv,dv->bcd", d_logits_BxCxV, head_f32)
+    d_head_DxV = d_head_DxV + jnp.einsum("bcd,bcv->dv", h_BxCxD.astype(jnp.float32),
+                                         d_logits_BxCxV)
+    return d_head_DxV, (nll_BxC, d_h_BxCxD)
+
+  xs = (_chunked(hidden_BxLxD, chunk), _chunked(targets_BxL, chunk), _chunked(weights_BxL, chunk))
+  d_head_DxV, (nll, d_h) = jax.lax.scan(body, jnp.zeros_like(head_f32), xs)
+  nll_BxL = _unchunked(nll, targets_BxL.shape)
+  residuals = (_unchunked(d_h, hidden_BxLxD.shape).astype(hidden_BxLxD.dtype),
+               d_head_DxV.astype(head_DxV.dtype))
+  return (jnp.sum(nll_BxL * weights_BxL), nll_BxL), residuals
+
+
+def _weighted_nll_bwd(chunk, residuals, cotangents):
+  del chunk
+  d_hidden, d_head = residuals
+  g_sum = cotangents[0]
+  return g_sum * d_hidden, g_sum * d_head, None, None
+
+
+weighted_nll.defvjp(_weighted_nll_fwd, _weighted_nll_bwd)
 
 
 def loss_sums(nll_BxL, batch, num_sources: int):

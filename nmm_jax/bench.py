@@ -1,0 +1,124 @@
+r"""Benchmark the train step against this device's own measured matmul peak.
+
+  python -m nmm_jax.bench --config=configs/bench.py
+
+Prints the matmul peaks (f32, bf16; on GPUs/TPUs also the datasheet figure), then step time,
+tokens/s, model TFLOP/s, MFU and peak memory; the last line is one JSON object with them all.
+"""
+import json
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench.py", "Benchmark config.",
+                                          lock_config=True)
+
+
+def text_batch(config, seed: int = 0):
+  """A full text-only batch: one document per row, every position scored."""
+  b, l = config.train.batch_size, config.data.seq_len
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, config.model.vocab_size, size=(b, l + 1)).astype(np.int32)
+  return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
+          "loss_mask": np.ones((b, l), np.float32),
+          "segment_ids": np.ones((b, l), np.int32),
+          "positions": np.tile(np.arange(l, dtype=np.int32), (b, 1)),
+          "image_ids": np.full((b, l), -1, np.int32), "patch_ids": np.full((b, l), -1, np.int32),
+          "source": np.zeros((b, l), np.int32)}
+
+
+def peak_memory_bytes():
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return stats["peak_bytes_in_use"], "device peak_bytes_in_use"
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+
+
+def benchmark(config) -> dict:
+  from nmm_jax import config as config_lib
+  from nmm_jax import hardware, sharding
+  from nmm_jax.scaling import flops
+  from nmm_jax.train import optimizer, state as state_lib
+  from nmm_jax.train.step import make_train_step
+
+  devices = jax.devices()
+  mesh = sharding.make_mesh(config_lib.validate(config, len(devices)), devices)
+  device = devices[0]
+  size = config.bench.matmul_size
+  peaks = {dt: hardware.measure_peak_tflops(dt, size) for dt in ("float32", "bfloat16")}
+  for dt, tflops in peaks.items():
+    sheet = hardware.datasheet_tflops(device, dt)
+    print(f"matmul peak {dt:8s}: {tflops:8.3f} TFLOP/s measured (best of {size}^3 and "
+          f"4096x512x2048)"
+          + (f", {sheet:.0f} datasheet ({tflops / sheet:.2f})" if sheet else ""))
+
+  tx = optimizer.make_optimizer(config.train)
+  graphdef, abstract = state_lib.abstract_model_state(config.model)
+  state_sh = state_lib.state_shardings(abstract, tx, config.sharding_rules, mesh)
+  state = state_lib.create_state(config.model, tx, config.train.seed, state_sh)
+  batch_np = text_batch(config)
+  batch_sh = {k: sharding.batch_sharding(mesh, config.sharding_rules, v.ndim)
+              for k, v in batch_np.items()}
+  batch = {k: jax.device_put(v, batch_sh[k]) for k, v in batch_np.items()}
+  schedule = optimizer.learning_rate_schedule(config.train)
+  step = jax.jit(make_train_step(graphdef, tx, schedule, 1, config.train.loss_chunk),
+                 in_shardings=(state_sh, batch_sh),
+                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  for _ in range(config.bench.warmup_steps):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(config.bench.timed_steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+
+  step_s = float(np.median(times))
+  step_flops = flops.train_flops_per_sequence(config.model, config.data.seq_len) \
+      * config.train.batch_size
+  model_tflops = step_flops / step_s / 1e12
+  peak = peaks[config.model.dtype] * len(devices)
+  memory, memory_kind = peak_memory_bytes()
+  result = {
+      "device": device.device_kind, "platform": device.platform, "num_devices": len(devices),
+      "dtype": config.model.dtype, "params": flops.param_counts(config.model)["total"],
+      "compile_s": round(compile_s, 2), "step_time_s": step_s,
+      "tokens_per_s": config.train.batch_size * config.data.seq_len / step_s,
+      "model_tflops_per_s": model_tflops,
+      "matmul_peak_tflops_f32": peaks["float32"], "matmul_peak_tflops_bf16": peaks["bfloat16"],
+      "mfu": model_tflops / peak, "peak_memory_bytes": int(memory), "peak_memory_kind": memory_kind,
+      "loss": float(metrics["loss"]),
+  }
+  sheet = hardware.datasheet_tflops(device, config.model.dtype)
+  if sheet:
+    result["mfu_datasheet"] = model_tflops / (sheet * len(devices))
+  return result
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  r = benchmark(_CONFIG.value)
+  print(f"step time {r['step_time_s'] * 1e3:.1f} ms | {r['tokens_per_s']:.0f} tokens/s | "
+        f"{r['model_tflops_per_s']:.3f} model TFLOP/s | MFU {r['mfu']:.3f} of measured "
+        f"{r['dtype']} peak | peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB "
+        f"({r['peak_memory_kind']}) | compile {r['compile_s']:.1f} s")
+  print(json.dumps(r))
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
