@@ -1,0 +1,26 @@
+"""nmm-bench runs end to end and its last line is the promised JSON (figures are not asserted:
+speed is measured by the benchmark, not by tests)."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def test_bench_prints_figures_as_json():
+  env = dict(os.environ, XLA_FLAGS="")  # one real CPU device, as a user runs it
+  result = subprocess.run(
+      [sys.executable, "-m", "nmm_jax.bench", "--config=configs/bench.py",
+       "--config.model.vocab_size=512", "--config.model.d_model=64", "--config.model.num_layers=2",
+       "--config.model.num_heads=4", "--config.model.num_kv_heads=2", "--config.model.head_dim=16",
+       "--config.model.mlp_dim=128", "--config.data.seq_len=128", "--config.bench.matmul_size=256",
+       "--config.bench.timed_steps=2"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  figures = json.loads(result.stdout.strip().splitlines()[-1])
+  for key in ("step_time_s", "tokens_per_s", "model_tflops_per_s", "mfu",
+              "matmul_peak_tflops_f32", "matmul_peak_tflops_bf16", "peak_memory_bytes"):
+    assert figures[key] > 0, key
+  assert figures["num_devices"] == 1
+  assert abs(figures["tokens_per_s"] * figures["step_time_s"] - 8 * 128) < 1e-3
