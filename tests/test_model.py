@@ -101,3 +101,31 @@ def test_flops_hand_count():
   assert flops.param_counts(cfg)["matmul"] == matmul
   seq = 128
   assert flops.train_flops_per_sequence(cfg, seq) == 6 * matmul * seq + 6 * 2 * seq**2 * 64
+
+
+def _loss_and_grads(model_cfg, batch):
+  graphdef, params = nnx.split(NMM(model_cfg, rngs=nnx.Rngs(0)))
+
+  def loss(params):
+    logits = nnx.merge(graphdef, params).logits(batch)
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_remat_policies_give_the_same_gradients():
+  batch = _two_document_batch()
+  want_loss, want_grads = _loss_and_grads(tiny_config().model, batch)
+  for remat in ("full", "save_dots"):
+    got_loss, got_grads = _loss_and_grads(tiny_config(**{"model.remat": remat}).model, batch)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+  batch = _two_document_batch()
+  f32_loss, _ = _loss_and_grads(tiny_config().model, batch)
+  bf16_loss, bf16_grads = _loss_and_grads(tiny_config(**{"model.dtype": "bfloat16"}).model, batch)
+  np.testing.assert_allclose(bf16_loss, f32_loss, rtol=2e-2)
+  assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(bf16_grads))
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(bf16_grads))  # f32 master params
