@@ -62,8 +62,8 @@ def benchmark(config) -> dict:
   state_sh = state_lib.state_shardings(abstract, tx, config.sharding_rules, mesh)
   state = state_lib.create_state(config.model, tx, config.train.seed, state_sh)
   batch_np = text_batch(config)
-  batch_sh = {k: sharding.batch_sharding(mesh, config.sharding_rules, v.ndim)
-              for k, v in batch_np.items()}
+  batch_sh = sharding.batch_shardings({k: v.ndim for k, v in batch_np.items()}, mesh,
+                                     config.sharding_rules)
   batch = {k: jax.device_put(v, batch_sh[k]) for k, v in batch_np.items()}
   schedule = optimizer.learning_rate_schedule(config.train)
   step = jax.jit(make_train_step(graphdef, tx, schedule, 1, config.train.loss_chunk),

@@ -52,5 +52,10 @@ def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
 
 
+def batch_shardings(ndims: dict, mesh: Mesh, rules) -> dict:
+  """{key: batch sharding} for a batch whose arrays have these ranks."""
+  return {key: batch_sharding(mesh, rules, ndim) for key, ndim in ndims.items()}
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())

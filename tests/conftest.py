@@ -11,14 +11,19 @@ import pytest  # noqa: E402
 from nmm_jax.config import base_config  # noqa: E402
 
 
-def tiny_config(**overrides):
-  """configs/tiny.py with dotted-key overrides, e.g. tiny_config(**{"train.steps": 5})."""
+def load_config(name: str):
+  """get_config() of configs/NAME.py."""
   import importlib.util
-  path = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
-  spec = importlib.util.spec_from_file_location("tiny_config_file", path)
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"{name}_config_file", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  return module.get_config()
+
+
+def tiny_config(**overrides):
+  """configs/tiny.py with dotted-key overrides, e.g. tiny_config(**{"train.steps": 5})."""
+  config = load_config("tiny")
   for key, value in overrides.items():
     node = config
     *parents, leaf = key.split(".")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import tiny_config
+from conftest import load_config, tiny_config
 from nmm_jax.models import NMM
 from nmm_jax.scaling import flops
 
@@ -82,12 +82,7 @@ def test_unused_image_slot_changes_nothing(logits_fn):
 
 @pytest.mark.parametrize("config_file", ["tiny", "default", "bench"])
 def test_param_count_matches_model(config_file):
-  import importlib.util, os
-  path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{config_file}.py")
-  spec = importlib.util.spec_from_file_location(config_file, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config().model
+  cfg = load_config(config_file).model
   abstract = nnx.eval_shape(lambda: NMM(cfg, rngs=nnx.Rngs(0)))
   actual = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract)))
   assert flops.param_counts(cfg)["total"] == actual

@@ -39,19 +39,23 @@ class _StopRequest:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def place_batch(batch, mesh, rules):
-  """Process-local numpy batch -> global jax arrays sharded over the batch axes."""
-  return {k: jax.make_array_from_process_local_data(
-      sharding.batch_sharding(mesh, rules, v.ndim), v) for k, v in batch.items()}
+# Rank of each batch-contract array (the shardings are needed before the first batch, for jit).
+BATCH_NDIMS = {"tokens": 2, "targets": 2, "loss_mask": 2, "image_ids": 2, "patch_ids": 2,
+               "source": 2, "segment_ids": 2, "positions": 2, "images": 5}
 
 
-def evaluate(eval_step, params, config, directory, mesh, source_names):
+def place_batch(batch, shardings):
+  """Process-local numpy batch -> global jax arrays in their batch shardings."""
+  return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
+
+
+def evaluate(eval_step, params, config, directory, batch_sh, source_names):
   total = None
   dataset = pipeline.make_dataset(config, directory, "eval", seed=config.train.seed)
   for i, batch in enumerate(dataset):
     if i == config.eval.num_batches:
       break
-    sums = eval_step(params, place_batch(batch, mesh, config.sharding_rules))
+    sums = eval_step(params, place_batch(batch, batch_sh))
     total = sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
   return losses_from_sums(jax.device_get(total), source_names, prefix="eval/")
 
@@ -108,9 +112,7 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
     state = checkpointer.restore(start_step, abstract_state, data_iter)
     logging.warning("Resumed from the checkpoint at step %d in %s", start_step, workdir)
 
-  batch_sh = {k: sharding.batch_sharding(mesh, rules, nd) for k, nd in (
-      ("tokens", 2), ("targets", 2), ("loss_mask", 2), ("image_ids", 2), ("patch_ids", 2),
-      ("source", 2), ("segment_ids", 2), ("positions", 2), ("images", 5))}
+  batch_sh = sharding.batch_shardings(BATCH_NDIMS, mesh, rules)
   train_step = jax.jit(make_train_step(graphdef, tx, schedule, len(source_names),
                                        config.train.loss_chunk),
                        in_shardings=(state_sh, batch_sh),
@@ -134,7 +136,7 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
   step = last_saved = start_step
   try:
     while step < config.train.steps and not stop.requested:
-      batch = place_batch(next(data_iter), mesh, rules)
+      batch = place_batch(next(data_iter), batch_sh)
       state, metrics = train_step(state, batch)
       step += 1
       window_steps += 1
@@ -151,7 +153,7 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
                       tokens_per_s=tokens_per_step / step_time, step_time_s=step_time,
                       mfu=step_flops / step_time / peak_flops)
         if eval_now:
-          record.update(evaluate(eval_step, state["params"], config, directory, mesh,
+          record.update(evaluate(eval_step, state["params"], config, directory, batch_sh,
                                  source_names))
         writer.write(step, record)
         records.append({"step": step, **record})
