@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
       dtype="float32",        # compute dtype
       param_dtype="float32",
       remat="none",           # one of REMATS
+      scan_unroll=1,          # layers per scan iteration; >= num_layers: no loop (faster, longer compile)
       moe=dict(num_experts=0, top_k=1),
   )
   c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1)
@@ -141,6 +142,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
   _require(m.param_dtype in DTYPES, "model.param_dtype",
            f"must be one of {DTYPES}, got {m.param_dtype!r}")
   _require(m.remat in REMATS, "model.remat", f"must be one of {REMATS}, got {m.remat!r}")
+  _positive_int(c, "model.scan_unroll")
   _require(m.moe.num_experts == 0, "model.moe.num_experts",
            "mixture-of-experts layers are not built yet; use 0")
 

@@ -22,6 +22,8 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
     ({"model.num_kv_heads": 3}, "config.model.num_kv_heads"),
     ({"mesh.data": 2, "mesh.tensor": 4, "model.num_kv_heads": 2}, "config.model.num_kv_heads"),
     ({"model.remat": "sometimes"}, "config.model.remat"),
+    ({"model.scan_unroll": 0}, "config.model.scan_unroll"),
+    ({"model.scan_unroll": -2}, "config.model.scan_unroll"),
     ({"train.schedule": "linear"}, "config.train.schedule"),
     ({"data.image_size": 18}, "config.data.image_size"),
     ({"data.mixture": {"caption": -1.0}}, "config.data.mixture"),

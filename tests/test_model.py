@@ -107,14 +107,15 @@ def _loss_and_grads(model_cfg, batch):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
-def test_remat_policies_give_the_same_gradients():
+@pytest.mark.parametrize("overrides", [{"model.remat": "full"}, {"model.remat": "save_dots"},
+                                       {"model.scan_unroll": 2}])
+def test_remat_and_unroll_give_the_same_gradients(overrides):
   batch = _two_document_batch()
   want_loss, want_grads = _loss_and_grads(tiny_config().model, batch)
-  for remat in ("full", "save_dots"):
-    got_loss, got_grads = _loss_and_grads(tiny_config(**{"model.remat": remat}).model, batch)
-    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
-    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
-      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+  got_loss, got_grads = _loss_and_grads(tiny_config(**overrides).model, batch)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
 
 
 def test_bfloat16_compute_stays_close_to_float32():

@@ -41,9 +41,9 @@ def test_large_parameters_are_split():
   head = params["head_DxV"].get_value()
   # [embed -> fsdp, vocab -> tensor]: each device holds a quarter.
   assert head.sharding.shard_shape(head.shape) == (head.shape[0] // 2, head.shape[1] // 2)
-  mlp = params["decoder"]["blocks"]["mlp"]["w_gate_up_Dx2xF"].get_value()  # [layers, D, 2, F]
-  assert mlp.sharding.shard_shape(mlp.shape) == (mlp.shape[0], mlp.shape[1] // 2, 2,
-                                                 mlp.shape[3] // 2)
+  mlp = params["decoder"]["blocks"]["mlp"]["w_gate_DxF"].get_value()  # [layers, D, F]
+  assert mlp.sharding.shard_shape(mlp.shape) == (mlp.shape[0], mlp.shape[1] // 2,
+                                                 mlp.shape[2] // 2)
   assert len({s.device for s in mlp.addressable_shards}) == 8
   # Adam moments follow their parameter's sharding.
   mu = train_state["opt_state"][1][0].mu["head_DxV"].get_value()

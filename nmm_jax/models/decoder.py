@@ -35,6 +35,7 @@ class DecoderBlock(nnx.Module):
 class Decoder(nnx.Module):
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.remat = cfg.remat
+    self.scan_unroll = min(cfg.scan_unroll, cfg.num_layers)
     self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
 
     # One block's parameters per layer along a leading "layers" axis, so the forward pass is a
@@ -55,6 +56,10 @@ class Decoder(nnx.Module):
     policy = REMAT_POLICIES[self.remat]
     if self.remat != "none":
       apply_block = nnx.remat(apply_block, policy=policy, prevent_cse=False)
+    # unroll >= num_layers removes the loop: on XLA:CPU that saves stacking every layer's residuals
+    # for the backward pass (bench config: 5.6 -> 4.7 s/step), at a compile time that grows with
+    # depth. The parameters stay stacked either way.
     scan = nnx.scan(apply_block, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+                    unroll=self.scan_unroll,
                     transform_metadata={nnx.PARTITION_NAME: "layers"})
     return scan(x_BxLxD, self.blocks)
