@@ -6,4 +6,8 @@ from nmm_jax.config import base_config
 
 
 def get_config():
-  return base_config()
+  c = base_config()
+  # The shapes captions state position (left/right) and count: flips and crops would make them
+  # false. Real image-text data keeps the paper's augmentation (base_config).
+  c.data.augment.update(crop_scale=(1.0, 1.0), flip_prob=0.0)
+  return c

@@ -10,6 +10,7 @@ def get_config():
   c.model.update(vocab_size=128, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
                  head_dim=16, mlp_dim=128, patch_size=4)
   c.data.update(seq_len=128, image_size=16, max_images=6)
+  c.data.augment.update(crop_scale=(1.0, 1.0), flip_prob=0.0)  # see configs/default.py
   c.data.synthetic.update(train_docs=1500, eval_docs=100)
   c.train.update(steps=30, batch_size=8, warmup_steps=5, log_every=1)
   c.eval.update(every_steps=15, num_batches=2)

@@ -64,6 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
       max_images=10,          # images per packed sequence
       mixture=dict(caption=0.45, interleaved=0.45, text=0.10),
       num_packing_bins=8,
+      tokenizer="",           # a .model (SentencePiece) or tokenizer.json; empty: the one in dir
+      # Train-time image augmentation (eval: centre crop). The paper's setting.
+      augment=dict(crop_scale=(0.4, 1.0), flip_prob=0.5),
       synthetic=dict(train_docs=6000, eval_docs=300, seed=1234),
   )
   c.train = dict(
@@ -151,6 +154,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
     _positive_int(c, f"data.{key}")
   _require(d.image_size % m.patch_size == 0, "data.image_size",
            f"must be a multiple of model.patch_size={m.patch_size}, got {d.image_size}")
+  lo_hi = tuple(d.augment.crop_scale)
+  _require(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1] <= 1, "data.augment.crop_scale",
+           f"must be (low, high) with 0 < low <= high <= 1, got {lo_hi}")
+  _require(0 <= d.augment.flip_prob <= 1, "data.augment.flip_prob",
+           f"must be in [0, 1], got {d.augment.flip_prob}")
   weights = dict(d.mixture)
   _require(weights and all(isinstance(w, (int, float)) and w >= 0 for w in weights.values())
            and sum(weights.values()) > 0, "data.mixture",

@@ -1,25 +1,31 @@
 """Grain pipeline: ArrayRecord shards of documents -> packed batches in the batch contract.
 
-  shards per source -> slice by process -> shuffle -> repeat -> decode+tokenize
-  -> mix by weight -> first-fit pack into [seq_len] rows (<= max_images images each) -> batch
-  -> global image ids
+  shards per source (unreadable ones left out) -> slice by process -> shuffle -> repeat
+  -> decode, augment, tokenize, split long documents (features.py)   [a bad record -> Skip]
+  -> mix by weight -> unpack pieces, count skips -> first-fit pack into [seq_len] rows
+  (<= max_images images each) -> batch -> global image ids -> report skips
 
 Every stage is a Grain dataset, so the iterator's state (saved with the checkpoint) resumes the
-exact stream.
+exact stream, skip counts included. Randomness (shuffle, crops, flips) is keyed by the record's
+index, not drawn from a global generator.
 """
+import functools
 import os
 
 import grain
 import jax
+import msgpack
 import numpy as np
 
-from nmm_jax.data import synthetic, writer
-from nmm_jax.data.records import ImageSegment, decode_document
-from nmm_jax.data.tokenizer import (BOS, EOS, IMAGE, IMAGE_END, IMAGE_START, NON_TEXT_IDS,
-                                    WordTokenizer)
+from nmm_jax.data import images as images_lib
+from nmm_jax.data import writer
+from nmm_jax.data.features import TOKEN_KEYS, SkipDocument, document_pieces
+from nmm_jax.data.records import decode_document
+from nmm_jax.data.stages import RecordError, ReportSkips, ShardedRecords, Skip, SkipCounter, Unpack
+from nmm_jax.data.tokenizer import Tokenizer, load_tokenizer as _load_tokenizer
 
-TOKEN_KEYS = ("tokens", "targets", "loss_mask", "image_ids", "patch_ids", "source")
 _PAD_VALUES = {"image_ids": -1, "patch_ids": -1, "source": -1}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 def data_dir(config, workdir: str) -> str:
@@ -35,48 +41,48 @@ def data_dir(config, workdir: str) -> str:
   return directory
 
 
-def load_tokenizer(directory: str) -> WordTokenizer:
-  return WordTokenizer.load(os.path.join(directory, writer.TOKENIZER_FILE))
+def tokenizer_path(config, directory: str) -> str:
+  """data.tokenizer, or the tokenizer file beside the shards."""
+  if config.data.tokenizer:
+    return config.data.tokenizer
+  for name in TOKENIZER_FILES:
+    if os.path.isfile(os.path.join(directory, name)):
+      return os.path.join(directory, name)
+  raise FileNotFoundError(f"no tokenizer: set config.data.tokenizer or put one of "
+                          f"{TOKENIZER_FILES} in {directory}")
+
+
+def load_tokenizer(config, directory: str) -> Tokenizer:
+  return _load_tokenizer(tokenizer_path(config, directory))
 
 
 def source_names(config) -> list[str]:
   return sorted(config.data.mixture)
 
 
-def document_features(doc, tokenizer, source_id: int, patches_per_image: int, image_size: int):
-  """One document -> unpacked per-token features (inputs shifted against targets) and images."""
-  ids, image_ids, patch_ids, images = [BOS], [-1], [-1], []
-  for segment in doc.segments:
-    if isinstance(segment, ImageSegment):
-      pixels = segment.decode()
-      if pixels.shape != (image_size, image_size, 3):
-        raise ValueError(f"image of shape {pixels.shape}, expected {(image_size, image_size, 3)}")
-      ids += [IMAGE_START] + [IMAGE] * patches_per_image + [IMAGE_END]
-      image_ids += [-1] + [len(images)] * patches_per_image + [-1]
-      patch_ids += [-1] + list(range(patches_per_image)) + [-1]
-      images.append(pixels)
-    else:
-      words = tokenizer.encode(segment)
-      ids += words
-      image_ids += [-1] * len(words)
-      patch_ids += [-1] * len(words)
-  # image_ids/patch_ids describe the inputs: every id except the final EOS.
-  ids = np.asarray(ids + [EOS], np.int32)
-  targets = ids[1:]
-  features = {
-      "tokens": ids[:-1],
-      "targets": targets,
-      "loss_mask": (~np.isin(targets, NON_TEXT_IDS)).astype(np.float32),
-      "image_ids": np.asarray(image_ids, np.int32),
-      "patch_ids": np.asarray(patch_ids, np.int32),
-      "source": np.full(targets.shape, source_id, np.int32),
-  }
-  # The packer packs each feature on its own: unequal lengths would silently misalign them.
-  assert all(len(v) == len(targets) for v in features.values()), {
-      k: len(v) for k, v in features.items()}
-  features["images"] = (np.stack(images) if images
-                        else np.zeros((0, image_size, image_size, 3), np.uint8))
-  return features
+def featurize(record, tokenizer, source_id: int, config, *, train: bool, rng=None):
+  """(where, raw bytes | RecordError) -> list of unpacked pieces, or a Skip marker."""
+  where, raw = record
+  if isinstance(raw, RecordError):
+    return Skip(raw.reason, where, raw.detail)
+  d, size = config.data, config.data.image_size
+  if train:
+    view = lambda b: images_lib.train_view(images_lib.decode(b), size, rng,
+                                           crop_scale=tuple(d.augment.crop_scale),
+                                           flip_prob=d.augment.flip_prob)
+  else:
+    view = lambda b: images_lib.eval_view(images_lib.decode(b), size)
+  try:
+    doc = decode_document(raw)
+  except (ValueError, KeyError, TypeError, msgpack.exceptions.UnpackException) as e:
+    return Skip("unparsable", where, f"{type(e).__name__}: {e}")
+  try:
+    return document_pieces(doc, tokenizer, source_id,
+                           patches_per_image=(size // config.model.patch_size) ** 2,
+                           image_size=size, seq_len=d.seq_len, max_images=d.max_images,
+                           image_view=view)
+  except SkipDocument as e:
+    return Skip(e.reason, where, str(e))
 
 
 def assign_global_image_ids(batch):
@@ -95,47 +101,51 @@ def assign_global_image_ids(batch):
   return out
 
 
-def _document_dataset(paths, config, tokenizer, source_id, seed, *, train: bool):
-  ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+def _source_dataset(records, config, tokenizer, source_id, seed, *, train: bool):
+  ds = grain.MapDataset.source(records)
   ds = ds[jax.process_index()::jax.process_count()]
-  if train:
-    ds = ds.shuffle(seed=seed).repeat()
-  p = (config.data.image_size // config.model.patch_size) ** 2
-  max_len = config.data.seq_len
-
-  def featurize(raw):
-    return document_features(decode_document(raw), tokenizer, source_id, p,
-                             config.data.image_size)
-
-  def fits(features):
-    return (len(features["tokens"]) <= max_len
-            and len(features["images"]) <= config.data.max_images)
-
-  return ds.map(featurize).filter(fits)
+  fn = functools.partial(featurize, tokenizer=tokenizer, source_id=source_id, config=config)
+  if not train:
+    return ds.map(functools.partial(fn, train=False))
+  ds = ds.shuffle(seed=seed).repeat()
+  # random_map: the augmentation rng is derived from the element's index, so a resumed
+  # iterator crops and flips exactly as an uninterrupted one.
+  return ds.random_map(lambda record, rng: fn(record, train=True, rng=rng), seed=seed)
 
 
 def make_dataset(config, directory: str, split: str, *, seed: int):
-  """The per-process batch stream for `split` ("train": infinite, shuffled; "eval": one pass)."""
-  tokenizer = load_tokenizer(directory)
+  """The per-process batch stream for `split` ("train": infinite, shuffled; "eval": one pass).
+
+  Each batch also carries `skipped`: {reason: documents skipped so far by this process}.
+  """
+  tokenizer = load_tokenizer(config, directory)
   names = source_names(config)
   train = split == "train"
-  parts, weights = [], []
+  parts, weights, unreadable = [], [], 0
   for source_id, name in enumerate(names):
     paths = writer.shard_paths(os.path.join(directory, name), split)
     if not paths:
       raise FileNotFoundError(f"data.mixture names source {name!r} but {directory}/{name} holds "
                               f"no {split}-*.array_record shards")
-    parts.append(_document_dataset(paths, config, tokenizer, source_id, seed + source_id,
-                                   train=train))
+    records = ShardedRecords(paths)
+    if not len(records):
+      raise FileNotFoundError(f"source {name!r}: none of its {len(paths)} {split} shards in "
+                              f"{directory}/{name} could be read (see the warnings above)")
+    unreadable += len(records.unreadable)
+    parts.append(_source_dataset(records, config, tokenizer, source_id, seed + source_id,
+                                 train=train))
     weights.append(config.data.mixture[name])
   # Evaluation mixes too (one pass, ending with the first source to run out), so every source
   # appears in the first few eval batches.
   mixed = grain.MapDataset.mix(parts, weights)
+  counter = SkipCounter({"unreadable_shard": unreadable} if unreadable else None)
+  pieces = Unpack(mixed.to_iter_dataset(), counter)
   length = {k: config.data.seq_len for k in TOKEN_KEYS}
   length["images"] = config.data.max_images
   packed = grain.experimental.FirstFitPackIterDataset(
-      mixed.to_iter_dataset(), length_struct=length, num_packing_bins=config.data.num_packing_bins,
+      pieces, length_struct=length, num_packing_bins=config.data.num_packing_bins,
       seed=seed, shuffle_bins=train,
       padding_struct={k: _PAD_VALUES.get(k, 0) for k in length})
   per_process = config.train.batch_size // jax.process_count()
-  return packed.batch(per_process, drop_remainder=train).map(assign_global_image_ids)
+  batches = packed.batch(per_process, drop_remainder=train).map(assign_global_image_ids)
+  return ReportSkips(batches, counter)

@@ -7,7 +7,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from nmm_jax.data import synthetic
 from nmm_jax.data.records import Document, encode_document
-from nmm_jax.data.tokenizer import WordTokenizer
+from nmm_jax.data.tokenizer import word_level_tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
 COMPLETE_MARKER = "COMPLETE"
@@ -48,7 +48,7 @@ def build_embedded_dataset(directory: str, *, train_docs: int, eval_docs: int, i
       docs = synthetic.generate_documents(source, train_docs + eval_docs, image_size, seed)
       write_shards(docs[:train_docs], os.path.join(staging, source), "train", num_shards)
       write_shards(docs[train_docs:], os.path.join(staging, source), "eval", 1)
-    WordTokenizer(synthetic.VOCABULARY).save(os.path.join(staging, TOKENIZER_FILE))
+    word_level_tokenizer(synthetic.VOCABULARY, os.path.join(staging, TOKENIZER_FILE))
     open(os.path.join(staging, COMPLETE_MARKER), "w").close()
     try:
       os.rename(staging, directory)

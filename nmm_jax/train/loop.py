@@ -55,6 +55,7 @@ def evaluate(eval_step, params, config, directory, batch_sh, source_names):
   for i, batch in enumerate(dataset):
     if i == config.eval.num_batches:
       break
+    batch.pop("skipped")
     sums = eval_step(params, place_batch(batch, batch_sh))
     total = sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
   return losses_from_sums(jax.device_get(total), source_names, prefix="eval/")
@@ -89,11 +90,11 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
   mesh = sharding.make_mesh(mesh_shape, devices)
   rules = config.sharding_rules
   directory = pipeline.data_dir(config, workdir)
-  tokenizer = pipeline.load_tokenizer(directory)
+  tokenizer = pipeline.load_tokenizer(config, directory)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise config_lib.ConfigError(
         f"config.model.vocab_size: {config.model.vocab_size} is smaller than the tokenizer's "
-        f"{tokenizer.vocab_size} entries in {directory}")
+        f"{tokenizer.vocab_size} entries ({tokenizer.path})")
   source_names = pipeline.source_names(config)
 
   tx = optimizer_lib.make_optimizer(config.train)
@@ -132,11 +133,14 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
   is_main = jax.process_index() == 0
   progress = tqdm(total=config.train.steps, initial=start_step, disable=not is_main,
                   desc="train", unit="step", dynamic_ncols=True)
-  window_start, window_steps = time.perf_counter(), 0
+  window_start, window_steps, window_padding = time.perf_counter(), 0, 0.0
   step = last_saved = start_step
   try:
     while step < config.train.steps and not stop.requested:
-      batch = place_batch(next(data_iter), batch_sh)
+      host_batch = next(data_iter)
+      skipped = host_batch.pop("skipped")
+      window_padding += float(np.mean(host_batch["segment_ids"] == 0))
+      batch = place_batch(host_batch, batch_sh)
       state, metrics = train_step(state, batch)
       step += 1
       window_steps += 1
@@ -151,7 +155,9 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
           raise FloatingPointError(f"loss is {record['loss']} at step {step}")
         record.update(lr=metrics["lr"], grad_norm=metrics["grad_norm"],
                       tokens_per_s=tokens_per_step / step_time, step_time_s=step_time,
-                      mfu=step_flops / step_time / peak_flops)
+                      mfu=step_flops / step_time / peak_flops,
+                      **{"data/packing_efficiency": 1.0 - window_padding / window_steps},
+                      **{f"data/skipped/{k}": v for k, v in sorted(skipped.items())})
         if eval_now:
           record.update(evaluate(eval_step, state["params"], config, directory, batch_sh,
                                  source_names))
@@ -160,7 +166,7 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
         progress.set_postfix(loss=f"{record['loss']:.3f}")
         if is_main:
           progress.write(format_record(step, record))
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, window_padding = time.perf_counter(), 0, 0.0
 
       if step % config.checkpoint.every_steps == 0 or step == config.train.steps:
         checkpointer.save(step, state, data_iter, config)

@@ -1,0 +1,151 @@
+"""Grain stages that keep bad input from stopping training, and count what they drop.
+
+* `ShardedRecords`: a random-access source over ArrayRecord shards, opened one by one; a shard
+  that cannot be opened is left out and counted, a record that cannot be read comes back as a
+  `RecordError` instead of raising.
+* `Unpack`: flattens each document's pieces into single elements and drops skip markers,
+  counting them by reason; its checkpointed state includes the counts.
+* `ReportSkips`: attaches `skipped` (reason -> count since the start of training, restored on
+  resume with `Unpack`'s state) to each batch.
+"""
+import bisect
+import collections
+import dataclasses
+from typing import Any
+
+import grain
+from absl import logging
+
+LOGGED_SKIPS = 5  # per process: the first few skipped documents are logged with shard and index
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordError:
+  reason: str
+  detail: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+  """Marker for a document that was dropped: why, and where it came from."""
+  reason: str
+  where: str
+  detail: str
+
+
+class ShardedRecords:
+  """Records of several ArrayRecord shards as one sequence of (where, raw bytes | RecordError)."""
+
+  def __init__(self, paths: list[str]):
+    self.paths, self._sources, self.unreadable, self._offsets = [], [], [], [0]
+    for path in paths:
+      try:
+        source = grain.sources.ArrayRecordDataSource([path])
+        length = len(source)
+      except Exception as e:  # array_record raises RuntimeError with the reason
+        logging.warning("data: leaving out unreadable shard %s (%s)", path, e)
+        self.unreadable.append(path)
+        continue
+      self.paths.append(path)
+      self._sources.append(source)
+      self._offsets.append(self._offsets[-1] + length)
+
+  def __len__(self):
+    return self._offsets[-1]
+
+  def __getitem__(self, index: int):
+    shard = bisect.bisect_right(self._offsets, index) - 1
+    local = index - self._offsets[shard]
+    where = f"{self.paths[shard]}[{local}]"
+    try:
+      return where, self._sources[shard][local]
+    except Exception as e:
+      return where, RecordError("read_error", f"{type(e).__name__}: {e}")
+
+  def __getstate__(self):
+    # Sources hold open files: reopen in worker processes.
+    return {"paths": self.paths + self.unreadable}
+
+  def __setstate__(self, state):
+    self.__init__(state["paths"])
+
+
+class SkipCounter:
+  """Counts by reason, shared by `Unpack` (which counts) and `ReportSkips` (which reports)."""
+
+  def __init__(self, initial: dict[str, int] | None = None):
+    self.counts = collections.Counter(initial or {})
+    self.logged = 0
+
+
+class _UnpackIterator(grain.DatasetIterator):
+  def __init__(self, parent, counter: SkipCounter):
+    super().__init__(parent)
+    self._counter = counter
+    self._buffer, self._next = [], 0
+    self._parent_state = self._parent.get_state()
+
+  def __next__(self):
+    while self._next >= len(self._buffer):
+      self._parent_state = self._parent.get_state()
+      element = next(self._parent)
+      if isinstance(element, Skip):
+        self._counter.counts[element.reason] += 1
+        if self._counter.logged < LOGGED_SKIPS:
+          self._counter.logged += 1
+          logging.warning("data: skipped %s (%s): %s", element.where, element.reason,
+                          element.detail)
+        continue
+      self._buffer, self._next = element, 0
+    self._next += 1
+    return self._buffer[self._next - 1]
+
+  def get_state(self):
+    return {"parent": self._parent_state, "next": self._next,
+            "skipped": dict(self._counter.counts)}
+
+  def set_state(self, state):
+    self._parent.set_state(state["parent"])
+    self._parent_state = state["parent"]
+    self._counter.counts = collections.Counter(state["skipped"])
+    self._buffer, self._next = [], 0
+    if state["next"] > 0:
+      # Refill the buffer with the same document (the stages above are deterministic).
+      self._buffer, self._next = next(self._parent), state["next"]
+
+
+class Unpack(grain.IterDataset):
+  """list-of-pieces | Skip  ->  piece, piece, ...  (skips counted, the first few logged)."""
+
+  def __init__(self, parent, counter: SkipCounter):
+    super().__init__(parent)
+    self.counter = counter
+
+  def __iter__(self):
+    return _UnpackIterator(self._parent.__iter__(), self.counter)
+
+
+class _ReportSkipsIterator(grain.DatasetIterator):
+  def __init__(self, parent, counter: SkipCounter):
+    super().__init__(parent)
+    self._counter = counter
+
+  def __next__(self):
+    batch = next(self._parent)
+    batch["skipped"] = dict(self._counter.counts)
+    return batch
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state: dict[str, Any]):
+    self._parent.set_state(state)
+
+
+class ReportSkips(grain.IterDataset):
+  def __init__(self, parent, counter: SkipCounter):
+    super().__init__(parent)
+    self.counter = counter
+
+  def __iter__(self):
+    return _ReportSkipsIterator(self._parent.__iter__(), self.counter)
