@@ -33,6 +33,26 @@ def tiny_config(**overrides):
   return config
 
 
+def assert_resumes_exactly(make_dataset, run_lengths=(2, 3, 4)):
+  """Stops and restarts an iterator of `make_dataset()` after each run length: every batch is
+  byte-identical to an uninterrupted iterator's, skip counts included."""
+  straight = iter(make_dataset())
+  expected = [next(straight) for _ in range(sum(run_lengths) + 1)]
+  got, iterator = [], iter(make_dataset())
+  for run_length in run_lengths:
+    got += [next(iterator) for _ in range(run_length)]
+    state = iterator.get_state()
+    iterator = iter(make_dataset())  # a new process builds the same pipeline, then restores
+    iterator.set_state(state)
+  got.append(next(iterator))
+  for want, have in zip(expected, got):
+    assert have["skipped"] == want["skipped"]
+    for key in want:
+      if key != "skipped":
+        assert have[key].tobytes() == want[key].tobytes(), key
+  return got
+
+
 @pytest.fixture(scope="session")
 def shapes_data_dir(tmp_path_factory):
   """The tiny config's embedded shapes shards, built once per test session."""

@@ -16,7 +16,7 @@ TOKEN_KEYS = ("tokens", "targets", "loss_mask", "image_ids", "patch_ids", "sourc
 class SkipDocument(Exception):
   def __init__(self, reason: str, detail: str = ""):
     super().__init__(f"{reason}: {detail}" if detail else reason)
-    self.reason = reason
+    self.reason, self.detail = reason, detail
 
 
 def _document_ids(doc, tokenizer, patches_per_image: int, image_view):

@@ -82,7 +82,7 @@ def featurize(record, tokenizer, source_id: int, config, *, train: bool, rng=Non
                            image_size=size, seq_len=d.seq_len, max_images=d.max_images,
                            image_view=view)
   except SkipDocument as e:
-    return Skip(e.reason, where, str(e))
+    return Skip(e.reason, where, e.detail)
 
 
 def assign_global_image_ids(batch):
@@ -148,4 +148,19 @@ def make_dataset(config, directory: str, split: str, *, seed: int):
       padding_struct={k: _PAD_VALUES.get(k, 0) for k in length})
   per_process = config.train.batch_size // jax.process_count()
   batches = packed.batch(per_process, drop_remainder=train).map(assign_global_image_ids)
+  if not train:
+    batches = batches.map(functools.partial(pad_rows, rows=per_process))
   return ReportSkips(batches, counter)
+
+
+def pad_rows(batch, rows: int):
+  """Pads the last, short eval batch with empty rows (segment 0, no loss): sums are unchanged
+  and the batch still divides over the data axes."""
+  missing = rows - len(batch["tokens"])
+  if missing <= 0:
+    return batch
+  out = {}
+  for key, value in batch.items():
+    pad = np.full((missing,) + value.shape[1:], _PAD_VALUES.get(key, 0), value.dtype)
+    out[key] = np.concatenate([value, pad])
+  return out
