@@ -27,6 +27,8 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
     ({"train.schedule": "linear"}, "config.train.schedule"),
     ({"data.image_size": 18}, "config.data.image_size"),
     ({"data.mixture": {"caption": -1.0}}, "config.data.mixture"),
+    ({"data.augment.crop_scale": (0.0, 1.0)}, "config.data.augment.crop_scale"),
+    ({"data.augment.flip_prob": 1.5}, "config.data.augment.flip_prob"),
     ({"model.moe.num_experts": 8}, "config.model.moe.num_experts"),
 ])
 def test_bad_value_names_key(overrides, key):
