@@ -52,6 +52,6 @@ def train_view(img: Image.Image, size: int, rng: np.random.Generator, *, crop_sc
 
 def eval_view(img: Image.Image, size: int) -> np.ndarray:
   box = _centre_box(img.width, img.height)
-  if box == (0, 0, size, size) and img.width == size:
+  if box == (0, 0, size, size):  # already square at the target size
     return np.asarray(img, np.uint8)
   return np.asarray(img.resize((size, size), Image.Resampling.BICUBIC, box=box), np.uint8)

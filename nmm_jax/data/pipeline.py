@@ -3,7 +3,7 @@
   shards per source (unreadable ones left out) -> slice by process -> shuffle -> repeat
   -> decode, augment, tokenize, split long documents (features.py)   [a bad record -> Skip]
   -> mix by weight -> unpack pieces, count skips -> first-fit pack into [seq_len] rows
-  (<= max_images images each) -> batch -> global image ids -> report skips
+  (<= max_images images each) -> batch -> global image ids -> attach skip counts
 
 Every stage is a Grain dataset, so the iterator's state (saved with the checkpoint) resumes the
 exact stream, skip counts included. Randomness (shuffle, crops, flips) is keyed by the record's
@@ -21,7 +21,8 @@ from nmm_jax.data import images as images_lib
 from nmm_jax.data import writer
 from nmm_jax.data.features import TOKEN_KEYS, SkipDocument, document_pieces
 from nmm_jax.data.records import decode_document
-from nmm_jax.data.stages import RecordError, ReportSkips, ShardedRecords, Skip, SkipCounter, Unpack
+from nmm_jax.data.stages import (RecordError, ShardedRecords, Skip, SkipCounter, Unpack,
+                                 attach_skip_counts)
 from nmm_jax.data.tokenizer import Tokenizer, load_tokenizer as _load_tokenizer
 
 _PAD_VALUES = {"image_ids": -1, "patch_ids": -1, "source": -1}
@@ -60,27 +61,20 @@ def source_names(config) -> list[str]:
   return sorted(config.data.mixture)
 
 
-def featurize(record, tokenizer, source_id: int, config, *, train: bool, rng=None):
-  """(where, raw bytes | RecordError) -> list of unpacked pieces, or a Skip marker."""
+def featurize(record, tokenizer, source_id: int, image_view, piece_shape: dict):
+  """(where, raw bytes | RecordError) -> list of unpacked pieces, or a Skip marker.
+
+  `image_view(encoded) -> [S, S, 3] uint8`; `piece_shape`: the keyword arguments of
+  `document_pieces` that come from the config (read once per pipeline, not per record)."""
   where, raw = record
   if isinstance(raw, RecordError):
     return Skip(raw.reason, where, raw.detail)
-  d, size = config.data, config.data.image_size
-  if train:
-    view = lambda b: images_lib.train_view(images_lib.decode(b), size, rng,
-                                           crop_scale=tuple(d.augment.crop_scale),
-                                           flip_prob=d.augment.flip_prob)
-  else:
-    view = lambda b: images_lib.eval_view(images_lib.decode(b), size)
   try:
     doc = decode_document(raw)
   except (ValueError, KeyError, TypeError, msgpack.exceptions.UnpackException) as e:
     return Skip("unparsable", where, f"{type(e).__name__}: {e}")
   try:
-    return document_pieces(doc, tokenizer, source_id,
-                           patches_per_image=(size // config.model.patch_size) ** 2,
-                           image_size=size, seq_len=d.seq_len, max_images=d.max_images,
-                           image_view=view)
+    return document_pieces(doc, tokenizer, source_id, image_view=image_view, **piece_shape)
   except SkipDocument as e:
     return Skip(e.reason, where, e.detail)
 
@@ -104,13 +98,25 @@ def assign_global_image_ids(batch):
 def _source_dataset(records, config, tokenizer, source_id, seed, *, train: bool):
   ds = grain.MapDataset.source(records)
   ds = ds[jax.process_index()::jax.process_count()]
-  fn = functools.partial(featurize, tokenizer=tokenizer, source_id=source_id, config=config)
+  d, size = config.data, config.data.image_size
+  piece_shape = dict(patches_per_image=(size // config.model.patch_size) ** 2, image_size=size,
+                     seq_len=d.seq_len, max_images=d.max_images)
+  fn = functools.partial(featurize, tokenizer=tokenizer, source_id=source_id,
+                         piece_shape=piece_shape)
   if not train:
-    return ds.map(functools.partial(fn, train=False))
+    eval_view = lambda encoded: images_lib.eval_view(images_lib.decode(encoded), size)
+    return ds.map(functools.partial(fn, image_view=eval_view))
+  augment = dict(crop_scale=tuple(d.augment.crop_scale), flip_prob=float(d.augment.flip_prob))
+
+  def featurize_augmented(record, rng):
+    train_view = lambda encoded: images_lib.train_view(images_lib.decode(encoded), size, rng,
+                                                       **augment)
+    return fn(record, image_view=train_view)
+
   ds = ds.shuffle(seed=seed).repeat()
   # random_map: the augmentation rng is derived from the element's index, so a resumed
   # iterator crops and flips exactly as an uninterrupted one.
-  return ds.random_map(lambda record, rng: fn(record, train=True, rng=rng), seed=seed)
+  return ds.random_map(featurize_augmented, seed=seed)
 
 
 def make_dataset(config, directory: str, split: str, *, seed: int):
@@ -150,7 +156,7 @@ def make_dataset(config, directory: str, split: str, *, seed: int):
   batches = packed.batch(per_process, drop_remainder=train).map(assign_global_image_ids)
   if not train:
     batches = batches.map(functools.partial(pad_rows, rows=per_process))
-  return ReportSkips(batches, counter)
+  return batches.map(functools.partial(attach_skip_counts, counter=counter))
 
 
 def pad_rows(batch, rows: int):

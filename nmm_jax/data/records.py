@@ -14,6 +14,8 @@ import msgpack
 import numpy as np
 from PIL import Image
 
+from nmm_jax.data import images
+
 SCHEMA_VERSION = 1
 
 
@@ -25,8 +27,7 @@ class ImageSegment:
 
   def decode(self) -> np.ndarray:
     """[H, W, 3] uint8."""
-    with Image.open(io.BytesIO(self.encoded)) as img:
-      return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return np.asarray(images.decode(self.encoded), dtype=np.uint8)
 
 
 @dataclasses.dataclass(frozen=True)

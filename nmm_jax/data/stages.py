@@ -5,14 +5,12 @@
   `RecordError` instead of raising.
 * `Unpack`: flattens each document's pieces into single elements and drops skip markers,
   counting them by reason; its checkpointed state includes the counts.
-* `ReportSkips`: attaches `skipped` (reason -> count since the start of training, restored on
-  resume with `Unpack`'s state) to each batch.
+* `attach_skip_counts`: the map that adds `skipped` (reason -> count since the start of
+  training, restored on resume with `Unpack`'s state) to each batch.
 """
 import bisect
 import collections
 import dataclasses
-from typing import Any
-
 import grain
 from absl import logging
 
@@ -71,7 +69,8 @@ class ShardedRecords:
 
 
 class SkipCounter:
-  """Counts by reason, shared by `Unpack` (which counts) and `ReportSkips` (which reports)."""
+  """Counts by reason, shared by `Unpack` (which counts) and `attach_skip_counts` (which reports).
+  Pickled with the pipeline into a worker process, both still share one counter there."""
 
   def __init__(self, initial: dict[str, int] | None = None):
     self.counts = collections.Counter(initial or {})
@@ -125,27 +124,7 @@ class Unpack(grain.IterDataset):
     return _UnpackIterator(self._parent.__iter__(), self.counter)
 
 
-class _ReportSkipsIterator(grain.DatasetIterator):
-  def __init__(self, parent, counter: SkipCounter):
-    super().__init__(parent)
-    self._counter = counter
-
-  def __next__(self):
-    batch = next(self._parent)
-    batch["skipped"] = dict(self._counter.counts)
-    return batch
-
-  def get_state(self):
-    return self._parent.get_state()
-
-  def set_state(self, state: dict[str, Any]):
-    self._parent.set_state(state)
-
-
-class ReportSkips(grain.IterDataset):
-  def __init__(self, parent, counter: SkipCounter):
-    super().__init__(parent)
-    self.counter = counter
-
-  def __iter__(self):
-    return _ReportSkipsIterator(self._parent.__iter__(), self.counter)
+def attach_skip_counts(batch, counter: SkipCounter):
+  """Adds `skipped` (reason -> count so far) to a batch: a plain map, so the counts restored
+  with `Unpack`'s state are what the next batch reports."""
+  return {**batch, "skipped": dict(counter.counts)}
