@@ -64,6 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
       max_images=10,          # images per packed sequence
       mixture=dict(caption=0.45, interleaved=0.45, text=0.10),
       num_packing_bins=8,
+      num_workers=0,          # training pipeline worker processes (Grain mp_prefetch); 0: in-process
+      prefetch=2,             # batches prepared ahead in a background thread; 0: none
       tokenizer="",           # a .model (SentencePiece) or tokenizer.json; empty: the one in dir
       # Train-time image augmentation (eval: centre crop). The paper's setting.
       augment=dict(crop_scale=(0.4, 1.0), flip_prob=0.5),
@@ -154,6 +156,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
     _positive_int(c, f"data.{key}")
   _require(d.image_size % m.patch_size == 0, "data.image_size",
            f"must be a multiple of model.patch_size={m.patch_size}, got {d.image_size}")
+  for key in ("num_workers", "prefetch"):
+    _require(isinstance(d[key], int) and d[key] >= 0, f"data.{key}",
+             f"must be a non-negative integer, got {d[key]!r}")
   lo_hi = tuple(d.augment.crop_scale)
   _require(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1] <= 1, "data.augment.crop_scale",
            f"must be (low, high) with 0 < low <= high <= 1, got {lo_hi}")

@@ -89,6 +89,14 @@ def test_iterator_state_resumes_the_exact_stream_over_several_restarts(shapes_da
   assert_resumes_exactly(lambda: pipeline.make_dataset(config, shapes_data_dir, "train", seed=0))
 
 
+def test_resume_with_worker_processes_is_exact(shapes_data_dir):
+  """Two Grain worker processes plus the prefetch thread: the saved state still resumes the
+  exact stream."""
+  config = tiny_config(**{"data.num_workers": 2, "data.prefetch": 2})
+  assert_resumes_exactly(lambda: pipeline.make_dataset(config, shapes_data_dir, "train", seed=0),
+                         run_lengths=(3, 2))
+
+
 def test_missing_source_fails_clearly(shapes_data_dir):
   config = tiny_config(**{"data.mixture": {"caption": 0.5, "video": 0.5}})
   with pytest.raises(FileNotFoundError, match="source 'video'"):

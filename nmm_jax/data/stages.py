@@ -7,6 +7,8 @@
   counting them by reason; its checkpointed state includes the counts.
 * `attach_skip_counts`: the map that adds `skipped` (reason -> count since the start of
   training, restored on resume with `Unpack`'s state) to each batch.
+* `SkipTally`: with worker processes each worker counts its own slice of the data; this map, in
+  the main process, turns the workers' counts into their sum.
 """
 import bisect
 import collections
@@ -124,7 +126,35 @@ class Unpack(grain.IterDataset):
     return _UnpackIterator(self._parent.__iter__(), self.counter)
 
 
+# Index of the Grain worker process this pipeline copy runs in (0 without workers).
+_worker_index = 0
+
+
+def set_worker_index(worker_index: int, worker_count: int):
+  """Grain's `worker_init_fn`: runs first in each worker process."""
+  del worker_count
+  global _worker_index
+  _worker_index = worker_index
+
+
 def attach_skip_counts(batch, counter: SkipCounter):
-  """Adds `skipped` (reason -> count so far) to a batch: a plain map, so the counts restored
-  with `Unpack`'s state are what the next batch reports."""
-  return {**batch, "skipped": dict(counter.counts)}
+  """Adds `skipped` = (worker index, {reason: count so far}) to a batch: a plain map, so the
+  counts restored with `Unpack`'s state are what the next batch reports."""
+  return {**batch, "skipped": (_worker_index, dict(counter.counts))}
+
+
+class SkipTally:
+  """Map in the main process: `skipped` (worker, counts) -> {reason: sum over workers}, from
+  each worker's latest counts. After a resume a worker's first batch brings back its restored
+  counts, so the sum is complete again once every worker has delivered a batch."""
+
+  def __init__(self):
+    self._latest = {}
+
+  def __call__(self, batch):
+    worker, counts = batch["skipped"]
+    self._latest[worker] = counts
+    total = collections.Counter()
+    for c in self._latest.values():
+      total.update(c)
+    return {**batch, "skipped": dict(total)}

@@ -133,11 +133,15 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
   is_main = jax.process_index() == 0
   progress = tqdm(total=config.train.steps, initial=start_step, disable=not is_main,
                   desc="train", unit="step", dynamic_ncols=True)
-  window_start, window_steps, window_padding = time.perf_counter(), 0, 0.0
+  window_start, window_steps, window_padding, window_wait = time.perf_counter(), 0, 0.0, 0.0
   step = last_saved = start_step
   try:
     while step < config.train.steps and not stop.requested:
+      wait_start = time.perf_counter()
       host_batch = next(data_iter)
+      # Time the step loop stood waiting for data (the device keeps computing the previous
+      # step meanwhile: dispatch is asynchronous).
+      window_wait += time.perf_counter() - wait_start
       skipped = host_batch.pop("skipped")
       window_padding += float(np.mean(host_batch["segment_ids"] == 0))
       batch = place_batch(host_batch, batch_sh)
@@ -149,14 +153,16 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
       eval_now = step % config.eval.every_steps == 0 or step == config.train.steps
       if eval_now or step % config.train.log_every == 0:
         metrics = jax.device_get(metrics)
-        step_time = (time.perf_counter() - window_start) / window_steps
+        window_time = time.perf_counter() - window_start
+        step_time = window_time / window_steps
         record = losses_from_sums(metrics["sums"], source_names)
         if not np.isfinite(record["loss"]):
           raise FloatingPointError(f"loss is {record['loss']} at step {step}")
         record.update(lr=metrics["lr"], grad_norm=metrics["grad_norm"],
                       tokens_per_s=tokens_per_step / step_time, step_time_s=step_time,
                       mfu=step_flops / step_time / peak_flops,
-                      **{"data/packing_efficiency": 1.0 - window_padding / window_steps},
+                      **{"data/packing_efficiency": 1.0 - window_padding / window_steps,
+                         "data/wait_fraction": window_wait / window_time},
                       **{f"data/skipped/{k}": v for k, v in sorted(skipped.items())})
         if eval_now:
           record.update(evaluate(eval_step, state["params"], config, directory, batch_sh,
@@ -166,7 +172,7 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
         progress.set_postfix(loss=f"{record['loss']:.3f}")
         if is_main:
           progress.write(format_record(step, record))
-        window_start, window_steps, window_padding = time.perf_counter(), 0, 0.0
+        window_start, window_steps, window_padding, window_wait = time.perf_counter(), 0, 0.0, 0.0
 
       if step % config.checkpoint.every_steps == 0 or step == config.train.steps:
         checkpointer.save(step, state, data_iter, config)

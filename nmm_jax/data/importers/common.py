@@ -1,0 +1,61 @@
+"""Helpers shared by the importers: image bytes -> `ImageSegment`, text checks."""
+import io
+import os
+
+from PIL import Image, UnidentifiedImageError
+
+from nmm_jax.data.importers import BadItem
+from nmm_jax.data.records import ImageSegment
+
+# The record schema stores JPEG or PNG; anything else PIL reads is re-encoded as PNG.
+STORED_FORMATS = ("JPEG", "PNG")
+
+
+def image_segment(encoded: bytes, where: str, max_side: int = 0) -> ImageSegment:
+  """Checked image bytes. Kept as they are when JPEG/PNG and within `max_side` (0: no limit);
+  otherwise re-encoded (JPEG stays JPEG, quality 95). Raises BadItem("bad_image")."""
+  try:
+    with Image.open(io.BytesIO(encoded)) as img:
+      img.load()  # decodes fully: truncated files fail here, not in the training pipeline
+      fmt, width, height = img.format, img.width, img.height
+      too_big = max_side and max(width, height) > max_side
+      if fmt in STORED_FORMATS and not too_big:
+        return ImageSegment(encoded, height, width)
+      out = img.convert("RGB")
+      if too_big:
+        scale = max_side / max(width, height)
+        out = out.resize((max(1, round(width * scale)), max(1, round(height * scale))),
+                         Image.Resampling.BICUBIC)
+  except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    raise BadItem("bad_image", f"{where}: {type(e).__name__}: {e}") from e
+  buffer = io.BytesIO()
+  if fmt == "JPEG":
+    out.save(buffer, format="JPEG", quality=95)
+  else:
+    out.save(buffer, format="PNG")
+  return ImageSegment(buffer.getvalue(), out.height, out.width)
+
+
+def read_image_file(path: str, where: str, max_side: int = 0) -> ImageSegment:
+  if path.startswith(("http://", "https://")):
+    raise BadItem("missing_image", f"{where}: {path} is a URL; download the images first and "
+                  "reference the local files")
+  try:
+    with open(path, "rb") as f:
+      encoded = f.read()
+  except OSError as e:
+    raise BadItem("missing_image", f"{where}: {e}") from e
+  return image_segment(encoded, f"{where} ({path})", max_side)
+
+
+def resolve(root: str, path: str) -> str:
+  return path if os.path.isabs(path) else os.path.join(root, path)
+
+
+def clean_text(text, where: str) -> str:
+  if not isinstance(text, str):
+    raise BadItem("unparsable", f"{where}: text is {type(text).__name__}, not a string")
+  text = text.strip()
+  if not text:
+    raise BadItem("empty", f"{where}: empty text")
+  return text
