@@ -83,3 +83,14 @@ def test_source_with_no_readable_shard_fails_at_start(tmp_path, shapes_data_dir)
   config = tiny_config(**{"data.mixture": {"caption": 1.0}})
   with pytest.raises(FileNotFoundError, match="none of its 1 train shards"):
     pipeline.make_dataset(config, str(tmp_path), "train", seed=0)
+
+
+def test_skip_counts_of_worker_processes_are_summed():
+  """With data.num_workers each worker counts its own slice; the batches report the sum of
+  every worker's latest counts."""
+  from nmm_jax.data.stages import SkipTally
+  tally = SkipTally()
+  reports = [(0, {"empty": 1}), (1, {"bad_image": 2}), (0, {"empty": 3}), (1, {"bad_image": 2})]
+  sums = [tally({"skipped": r})["skipped"] for r in reports]
+  assert sums == [{"empty": 1}, {"empty": 1, "bad_image": 2}, {"empty": 3, "bad_image": 2},
+                  {"empty": 3, "bad_image": 2}]

@@ -77,6 +77,9 @@ def _write_shard(task) -> ShardResult:
         result.skipped[e.reason] += 1
         if len(result.examples) < LOGGED_SKIPS:
           result.examples.append(str(e))
+      except Exception as e:  # not bad input but a bug or a broken setup: stop, say where
+        e.add_note(f"nmm-data write: while converting item {repr(item)[:200]}")
+        raise
       with _progress.get_lock():
         _progress.value += 1
   finally:

@@ -56,6 +56,7 @@ def training_wait(config, directory, workdir, steps: int) -> dict:
   config = config.copy_and_resolve_references()
   config.data.dir = directory
   config.train.steps = steps
+  config.train.warmup_steps = min(config.train.warmup_steps, steps)
   config.train.log_every = max(1, min(10, steps // 4))
   config.eval.every_steps = 10 * steps  # no evaluation inside the measured windows
   config.checkpoint.every_steps = 10 * steps
