@@ -14,9 +14,14 @@ import bisect
 import collections
 import dataclasses
 import grain
+import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 LOGGED_SKIPS = 5  # per process: the first few skipped documents are logged with shard and index
+# Every reason a document can be skipped for (where it is raised: stages, pipeline, features).
+SKIP_REASONS = ("unreadable_shard", "read_error", "unparsable", "bad_image", "empty", "too_long")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +146,17 @@ def attach_skip_counts(batch, counter: SkipCounter):
   """Adds `skipped` = (worker index, {reason: count so far}) to a batch: a plain map, so the
   counts restored with `Unpack`'s state are what the next batch reports."""
   return {**batch, "skipped": (_worker_index, dict(counter.counts))}
+
+
+def sum_over_processes(counts: dict) -> dict:
+  """{reason: count} summed over all processes (a collective: every process must call it)."""
+  if jax.process_count() == 1:
+    return dict(counts)
+  unknown = set(counts) - set(SKIP_REASONS)
+  assert not unknown, f"skip reasons {unknown} missing from SKIP_REASONS"
+  local = np.array([counts.get(r, 0) for r in SKIP_REASONS], np.int64)
+  total = multihost_utils.process_allgather(local).sum(axis=0)
+  return {r: int(n) for r, n in zip(SKIP_REASONS, total) if n}
 
 
 class SkipTally:

@@ -16,6 +16,7 @@ from nmm_jax import config as config_lib
 from nmm_jax import hardware, sharding
 from nmm_jax.checkpoint import Checkpointer
 from nmm_jax.data import pipeline
+from nmm_jax.data.stages import sum_over_processes
 from nmm_jax.scaling import flops
 from nmm_jax.train import optimizer as optimizer_lib
 from nmm_jax.train import state as state_lib
@@ -156,6 +157,7 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
         window_time = time.perf_counter() - window_start
         step_time = window_time / window_steps
         record = losses_from_sums(metrics["sums"], source_names)
+        skipped = sum_over_processes(skipped)
         if not np.isfinite(record["loss"]):
           raise FloatingPointError(f"loss is {record['loss']} at step {step}")
         record.update(lr=metrics["lr"], grad_norm=metrics["grad_norm"],
