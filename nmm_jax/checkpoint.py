@@ -29,6 +29,11 @@ class Checkpointer:
         config=ocp.args.JsonSave(config.to_dict()),
     ))
 
+  def saved_config(self, step: int) -> dict:
+    """The config saved with the checkpoint at `step`, as a dict."""
+    return self.manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore())).config
+
   def restore(self, step: int, abstract_state, data_iterator):
     """Restores the state into the shardings of `abstract_state` and the iterator in place."""
     restored = self.manager.restore(step, args=ocp.args.Composite(

@@ -201,3 +201,19 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
     _require(getattr(m, dim_key) % mesh[axis] == 0, f"model.{dim_key}",
              f"{getattr(m, dim_key)} is not divisible by mesh.{axis}={mesh[axis]}")
   return mesh
+
+
+# Keys whose change makes a checkpoint's data-iterator state unusable: Grain worker processes each
+# hold part of the state.
+RESUME_FIXED_KEYS = ("data.num_workers",)
+
+
+def check_resumable(saved: dict, config):
+  """Raises ConfigError when `config` cannot resume a checkpoint saved with `saved`."""
+  for key in RESUME_FIXED_KEYS:
+    old, new = saved, config
+    for part in key.split("."):
+      old, new = old.get(part) if isinstance(old, dict) else None, new[part]
+    if old is not None and old != new:
+      _fail(key, f"is {new!r} but the checkpoint to resume was written with {old!r}; the data "
+                 f"iterator state depends on it, so resume with {old!r} (or use a new workdir)")

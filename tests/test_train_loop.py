@@ -70,13 +70,25 @@ def test_outputs_written(straight_run):
   records = _read_metrics(workdir)
   assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # log_every=1 in tiny
   for key in ("loss", "lr", "tokens_per_s", "mfu", "grad_norm", "loss/caption",
-              "loss/interleaved", "loss/text"):
+              "loss/interleaved", "loss/text", "data/packing_efficiency", "data/wait_fraction"):
     assert key in records[-1], key
   assert 0 < records[-1]["mfu"] < 1
   assert glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*"))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
   for part in ("state", "data", "config"):
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "20", part)), part
+
+
+def test_resume_with_another_worker_count_fails_clearly(tmp_path, straight_run,
+                                                       shapes_data_dir):
+  import shutil
+  from nmm_jax.config import ConfigError
+  workdir = str(tmp_path / "run")
+  shutil.copytree(straight_run[0], workdir)
+  config = tiny_config(**{"train.steps": STEPS + 5, "data.dir": shapes_data_dir,
+                          "data.num_workers": 1})
+  with pytest.raises(ConfigError, match="data.num_workers: is 1 but the checkpoint"):
+    train_and_evaluate(config, workdir)
 
 
 def test_kill_and_sigterm_resume_exactly(tmp_path, straight_run, shapes_data_dir):

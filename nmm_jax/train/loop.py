@@ -104,10 +104,12 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
   state_sh = state_lib.state_shardings(abstract_params, tx, rules, mesh)
   state = state_lib.create_state(config.model, tx, config.train.seed, state_sh)
 
-  data_iter = iter(pipeline.make_dataset(config, directory, "train", seed=config.train.seed))
   checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep,
                               async_save=config.checkpoint.async_save)
   start_step = checkpointer.latest_step() or 0
+  if start_step:
+    config_lib.check_resumable(checkpointer.saved_config(start_step), config)
+  data_iter = iter(pipeline.make_dataset(config, directory, "train", seed=config.train.seed))
   if start_step:
     abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
