@@ -1,1 +1,1 @@
-"""Scaling-law tooling: parameter/FLOP accounting (flops.py)."""
+"""Scaling-law tooling: accounting (flops.py), sweeps, collection, the fit and plots."""

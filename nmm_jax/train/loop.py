@@ -189,4 +189,7 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
     progress.close()
     checkpointer.close()
     writer.close()
+    # Stops the prefetch thread and the Grain worker processes (and frees their shared memory)
+    # now, not whenever the garbage collector gets to them.
+    data_iter.close()
   return records

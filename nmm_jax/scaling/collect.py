@@ -1,0 +1,56 @@
+"""Collecting a runs table from training workdirs: N, D, C from the run's saved config and step
+(counted by flops.py), final held-out losses from its metrics.jsonl."""
+import json
+import os
+
+import ml_collections
+
+from nmm_jax.scaling import flops
+
+RUN_FILE = "sweep_run.json"
+
+
+def read_metrics(workdir: str) -> list:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def final_eval(workdir: str, step: int | None = None):
+  """The last metrics record with held-out losses (at `step` if given), or None."""
+  evals = [r for r in read_metrics(workdir) if "eval/loss" in r]
+  if step is not None:
+    evals = [r for r in evals if r["step"] == step]
+  return evals[-1] if evals else None
+
+
+def collect_run(workdir: str) -> dict:
+  """One row of the runs table; raises ValueError when the run has no checkpoint or no eval."""
+  from nmm_jax.checkpoint import Checkpointer  # Orbax: only when reading checkpoints
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise ValueError(f"{workdir}: no checkpoints (not a training workdir, or not started)")
+  checkpointer = Checkpointer(workdir, keep=1, async_save=False)
+  try:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise ValueError(f"{workdir}: no complete checkpoint")
+    saved = ml_collections.ConfigDict(checkpointer.saved_config(step))
+  finally:
+    checkpointer.close()
+  record = final_eval(workdir, step)
+  if record is None:
+    raise ValueError(f"{workdir}: no held-out loss at step {step} in metrics.jsonl")
+  counts = flops.param_counts(saved.model)
+  sequences = step * saved.train.batch_size
+  row = {"N": counts["matmul"], "N_total": counts["total"], "D": sequences * saved.data.seq_len,
+         "C": flops.train_flops_per_sequence(saved.model, saved.data.seq_len) * sequences,
+         "loss": record["eval/loss"], "run": os.path.basename(os.path.normpath(workdir)),
+         "width": saved.model.d_model, "steps": step}
+  row.update({k[len("eval/"):]: v for k, v in record.items() if k.startswith("eval/loss/")})
+  planned = os.path.join(workdir, RUN_FILE)
+  if os.path.isfile(planned):
+    with open(planned) as f:
+      row["budget"] = json.load(f)["budget"]
+  return row

@@ -1,0 +1,94 @@
+"""Planning a scaling sweep: model sizes by width at fixed depth, steps from a FLOP budget.
+
+For each (budget or token count, width) the family config is resized:
+  d_model = width; heads = width / head_dim (head_dim fixed); kv heads and mlp_dim keep the
+  family's ratios (mlp_dim rounded to a multiple of 8);
+  steps = budget / (training FLOPs per step, from flops.py), or tokens / (batch * seq_len);
+  learning-rate schedule as the paper trains its scaling runs: linear warmup over
+  min(train.warmup_steps, 10% of the steps), constant, then a 1-sqrt cooldown over the last 20%
+  (`inverse_sqrt`); one evaluation and one checkpoint, at the end.
+"""
+import dataclasses
+import shlex
+import sys
+
+from nmm_jax.scaling import flops
+
+COOLDOWN_FRACTION = 0.2
+MAX_WARMUP_FRACTION = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedRun:
+  name: str
+  width: int
+  steps: int
+  budget: float          # the FLOP budget asked for (0 for token-count sweeps)
+  N: int                 # parameters that the compute counts
+  N_total: int
+  D: int                 # training tokens
+  C: float               # training FLOPs
+  overrides: dict        # dotted config key -> value
+
+
+def resize(model, width: int) -> dict:
+  """Overrides of `model` (a ConfigDict) for a model of this width."""
+  if width % model.head_dim:
+    raise ValueError(f"width {width} is not a multiple of model.head_dim={model.head_dim}")
+  heads = width // model.head_dim
+  kv_ratio = model.num_heads // model.num_kv_heads
+  if heads % kv_ratio:
+    raise ValueError(f"width {width}: {heads} heads do not group into kv heads 1:{kv_ratio}")
+  mlp_dim = max(8, round(width * model.mlp_dim / model.d_model / 8) * 8)
+  return {"model.d_model": width, "model.num_heads": heads,
+          "model.num_kv_heads": heads // kv_ratio, "model.mlp_dim": mlp_dim}
+
+
+def _resized_model(config, overrides):
+  model = config.model.copy_and_resolve_references()
+  for key, value in overrides.items():
+    model[key.split(".", 1)[1]] = value
+  return model
+
+
+def plan(config, widths, *, budgets=(), tokens=(), min_steps: int = 20) -> tuple:
+  """(runs, skipped): one run per (budget or token count, width); `skipped` names the
+  combinations with fewer than `min_steps` steps."""
+  if bool(budgets) == bool(tokens):
+    raise ValueError("give FLOP budgets or token counts (not both)")
+  batch, seq_len = config.train.batch_size, config.data.seq_len
+  runs, skipped = [], []
+  for amount in (budgets or tokens):
+    for width in widths:
+      model_overrides = resize(config.model, width)
+      model = _resized_model(config, model_overrides)
+      step_flops = flops.train_flops_per_sequence(model, seq_len) * batch
+      steps = round(amount / step_flops) if budgets else round(amount / (batch * seq_len))
+      label = ("C" if budgets else "D") + f"{amount:.2g}".replace("+", "")
+      name = f"{label}_w{width}"
+      if steps < min_steps:
+        skipped.append(f"{name}: {steps} steps < {min_steps}")
+        continue
+      counts = flops.param_counts(model)
+      overrides = {**model_overrides, "train.steps": steps,
+                   "train.warmup_steps": min(config.train.warmup_steps,
+                                             max(1, int(MAX_WARMUP_FRACTION * steps))),
+                   "train.schedule": "inverse_sqrt",
+                   "train.cooldown_fraction": COOLDOWN_FRACTION,
+                   "eval.every_steps": steps, "checkpoint.every_steps": steps,
+                   "checkpoint.keep": 1}
+      runs.append(PlannedRun(name, width, steps, float(amount) if budgets else 0.0,
+                             counts["matmul"], counts["total"], steps * batch * seq_len,
+                             step_flops * steps, overrides))
+  return runs, skipped
+
+
+def train_command(config_file: str, workdir: str, run: PlannedRun, extra=()) -> list:
+  """argv of the training run (`extra`: the family config's own --config.* overrides)."""
+  return [sys.executable, "-m", "nmm_jax.train", f"--config={config_file}",
+          f"--workdir={workdir}", *extra,
+          *(f"--config.{k}={v}" for k, v in run.overrides.items())]
+
+
+def shell_line(argv) -> str:
+  return " ".join(shlex.quote(a) for a in argv)

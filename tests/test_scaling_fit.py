@@ -1,0 +1,75 @@
+"""The scaling-law fitter: recovers known coefficients, and reproduces Epoch AI's published refit
+of the Chinchilla data (Besiroglu et al. 2024) through the real command."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nmm_jax.scaling import fit as fit_lib
+
+REFERENCE = os.path.join(os.path.dirname(__file__), "data", "chinchilla_svg_extracted_data.csv")
+
+
+def test_recovers_the_coefficients_of_a_known_law():
+  truth = fit_lib.ScalingLaw(E=1.7, A=400.0, B=1500.0, alpha=0.34, beta=0.28)
+  rng = np.random.default_rng(0)
+  N = np.exp(rng.uniform(np.log(1e7), np.log(1e10), 120))
+  D = np.exp(rng.uniform(np.log(1e9), np.log(1e12), 120))
+  L = truth.loss(N, D) * np.exp(rng.normal(0, 1e-4, 120))
+  small_grid = dict(a=np.array([0.0, 5.0]), b=np.array([0.0, 5.0]), e=np.array([0.0, 0.5]),
+                    alpha=np.array([0.5]), beta=np.array([0.5]))
+  law, _ = fit_lib.fit(N, D, L, grid=small_grid)
+  assert law.E == pytest.approx(1.7, rel=1e-2)
+  assert law.A == pytest.approx(400, rel=5e-2) and law.B == pytest.approx(1500, rel=5e-2)
+  assert law.alpha == pytest.approx(0.34, abs=3e-3) and law.beta == pytest.approx(0.28, abs=3e-3)
+  assert law.a == pytest.approx(0.28 / 0.62, abs=3e-3)
+  # The compute-optimal split minimises the law along C = 6 N D.
+  C = 1e21
+  n_opt, d_opt = law.optimal(C)
+  assert n_opt * d_opt * 6 == pytest.approx(C)
+  for factor in (0.8, 1.25):
+    assert law.loss(n_opt, d_opt) < law.loss(n_opt * factor, d_opt / factor)
+
+
+def test_frontier_and_power_law():
+  C = np.array([1.0, 2.0, 2.0, 4.0, 8.0, 16.0])
+  L = np.array([5.0, 4.0, 4.5, 4.2, 3.0, 2.5])
+  assert fit_lib.compute_frontier(C, L).tolist() == [0, 1, 4, 5]
+  # Runs of one budget whose C differ by rounding count as one budget: its best run.
+  assert fit_lib.compute_frontier([4.99e11, 5e11, 1.5e12], [0.22, 0.13, 0.12]).tolist() == [1, 2]
+  k, c = fit_lib.fit_power_law(C, 3.0 * C ** -0.1)
+  assert k == pytest.approx(3.0) and c == pytest.approx(-0.1)
+
+
+def test_reproduces_epochs_chinchilla_refit():
+  """The paper's procedure on the Chinchilla Figure 4 data without its 5 highest-loss points:
+  E 1.82 (+-0.02), A 482 (+-10%), B 2085 (+-10%), alpha 0.348 (+-0.01), beta 0.366 (+-0.01)."""
+  out = subprocess.run(
+      [sys.executable, "-m", "nmm_jax.scaling.cli", "fit", f"--csv={REFERENCE}",
+       "--n_column=Model Size", "--c_column=Training FLOP", "--drop_highest=5", "--bootstrap=20",
+       "--json"], capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["runs"] == 240
+  assert result["E"] == pytest.approx(1.82, abs=0.02)
+  assert result["A"] == pytest.approx(482, rel=0.10)
+  assert result["B"] == pytest.approx(2085, rel=0.10)
+  assert result["alpha"] == pytest.approx(0.348, abs=0.01)
+  assert result["beta"] == pytest.approx(0.366, abs=0.01)
+  assert result["a"] == pytest.approx(result["beta"] / (result["alpha"] + result["beta"]))
+  low, high = result["interval_95"]["alpha"]
+  assert low < result["alpha"] < high
+  assert result["frontier"]["c"] < 0
+
+
+def test_bad_tables_fail_clearly(tmp_path):
+  from nmm_jax.scaling.table import read_runs
+  path = tmp_path / "runs.csv"
+  path.write_text("N,loss\n1,2\n")
+  with pytest.raises(KeyError, match="needs a 'D' or a 'C' column"):
+    read_runs(str(path))
+  with pytest.raises(KeyError, match="no column 'loss/text'"):
+    read_runs(str(path), target="loss/text")

@@ -1,0 +1,94 @@
+"""nmm-scaling end to end: plan a sweep, run 2 real training runs, collect them into a table
+whose N, D, C are the counted ones, plot; and the plots with a fitted law."""
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import load_config
+from nmm_jax.scaling import flops, sweep
+from nmm_jax.scaling.fit import ScalingLaw
+from nmm_jax.scaling.table import write_runs
+
+
+def nmm_scaling(*args):
+  out = subprocess.run([sys.executable, "-m", "nmm_jax.scaling.cli", *args], capture_output=True,
+                       text=True, timeout=900, stdin=subprocess.DEVNULL)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout
+
+
+def test_plan_sizes_models_by_width_and_steps_by_budget():
+  config = load_config("scaling_tiny")
+  runs, skipped = sweep.plan(config, [32, 64, 128], budgets=[5e11, 4e12], min_steps=300)
+  assert [r.name for r in runs] == ["C5e11_w32", "C5e11_w64", "C4e12_w32", "C4e12_w64",
+                                    "C4e12_w128"]
+  assert skipped == ["C5e11_w128: 232 steps < 300"]
+  for run in runs:
+    model = config.model.copy_and_resolve_references()
+    model.update({k.split(".", 1)[1]: v for k, v in run.overrides.items()
+                  if k.startswith("model.")})
+    assert model.d_model == run.width and model.num_heads * model.head_dim == run.width
+    assert model.num_heads == 2 * model.num_kv_heads and model.mlp_dim == 2 * run.width
+    step_flops = flops.train_flops_per_sequence(model, 128) * 8
+    assert abs(run.C - run.budget) <= step_flops / 2  # steps rounded to the budget
+    assert run.N == flops.param_counts(model)["matmul"] and run.D == run.steps * 8 * 128
+    o = run.overrides
+    assert o["train.warmup_steps"] <= 0.1 * run.steps and o["train.cooldown_fraction"] == 0.2
+    assert o["train.schedule"] == "inverse_sqrt" and o["eval.every_steps"] == run.steps
+  with pytest.raises(ValueError, match="not a multiple of model.head_dim"):
+    sweep.plan(config, [40], budgets=[1e12])
+
+
+def test_two_run_sweep_collect_and_plot(tmp_path):
+  out = str(tmp_path / "sweep")
+  args = ["sweep", "--config=configs/tiny.py", "--widths=32,64", "--tokens=30720",
+          "--min_steps=10", f"--out={out}", "--config.eval.num_batches=1"]
+  printed = nmm_scaling(*args)  # without --run: the plan and the commands
+  assert printed.count("-m nmm_jax.train") == 2 and "--config.train.steps=30" in printed
+  ran = nmm_scaling(*args, "--run")
+  assert ran.count("eval loss") == 2
+  assert nmm_scaling(*args, "--run").count("already done") == 2  # a rerun skips finished runs
+
+  table = str(tmp_path / "runs.csv")
+  nmm_scaling("collect", os.path.join(out, "*"), f"--out={table}")
+  with open(table) as f:
+    rows = {r["run"]: r for r in csv.DictReader(f)}
+  assert sorted(rows) == ["D3.1e04_w32", "D3.1e04_w64"]
+  config = load_config("tiny")
+  for width, heads in ((32, 2), (64, 4)):
+    row = rows[f"D3.1e04_w{width}"]
+    model = config.model.copy_and_resolve_references()
+    model.update(d_model=width, num_heads=heads, num_kv_heads=heads // 2, mlp_dim=2 * width)
+    assert int(row["N"]) == flops.param_counts(model)["matmul"]
+    assert int(row["N_total"]) == flops.param_counts(model)["total"]
+    assert int(row["D"]) == 30 * 8 * 128 and int(row["steps"]) == 30
+    assert float(row["C"]) == pytest.approx(flops.train_flops_per_sequence(model, 128) * 240)
+    for key in ("loss", "loss/caption", "loss/interleaved", "loss/text"):
+      assert 0 < float(row[key]) < 6, key
+
+  plots = str(tmp_path / "plots")
+  printed = nmm_scaling("plot", f"--csv={table}", f"--out={plots}")
+  assert "law is not fitted" in printed
+  assert sorted(os.listdir(plots)) == ["frontier.png", "isoflop.png", "loss_vs_compute.png",
+                                       "per_source.png"]
+
+
+def test_plots_with_a_fitted_law(tmp_path):
+  law = ScalingLaw(E=1.5, A=300.0, B=900.0, alpha=0.35, beta=0.3)
+  rows = []
+  for budget in (1e15, 1e16, 1e17):
+    for n in np.geomspace(1e5, 1e7, 4):
+      d = budget / (6 * n)
+      loss = law.loss(n, d)
+      rows.append({"N": n, "N_total": n, "D": d, "C": budget, "loss": loss,
+                   "loss/text": loss * 1.1, "budget": budget, "run": f"{budget:.0e}_{n:.0e}"})
+  table = str(tmp_path / "runs.csv")
+  write_runs(table, rows)
+  printed = nmm_scaling("plot", f"--csv={table}", f"--out={tmp_path / 'plots'}")
+  assert "law is not fitted" not in printed
+  for name in ("frontier", "isoflop", "loss_vs_compute", "per_source"):
+    assert os.path.getsize(tmp_path / "plots" / f"{name}.png") > 10_000, name
