@@ -1,12 +1,15 @@
 """A thin wrapper over Orbax's CheckpointManager: train state + data-iterator state + config.
 
 Orbax writes each step into a temporary folder and commits it by rename, so a crash mid-save
-leaves the previous checkpoint usable.
+leaves the previous checkpoint usable. Every process calls save and restore: the state is
+written and read as shards of the global arrays (restored into whatever shardings the caller
+asks for: another mesh works), the data state as one file per data stream (data/streams.py).
 """
 import os
 
-import grain
 import orbax.checkpoint as ocp
+
+from nmm_jax.data import streams
 
 
 class Checkpointer:
@@ -25,7 +28,7 @@ class Checkpointer:
   def save(self, step: int, state, data_iterator, config):
     self.manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
+        data=streams.StreamsSave(data_iterator, streams.num_streams(config)),
         config=ocp.args.JsonSave(config.to_dict()),
     ))
 
@@ -34,11 +37,12 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore())).config
 
-  def restore(self, step: int, abstract_state, data_iterator):
+  def restore(self, step: int, abstract_state, data_iterator, config):
     """Restores the state into the shardings of `abstract_state` and the iterator in place."""
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iterator),
+        data=streams.StreamsRestore(data_iterator, streams.num_streams(config),
+                                    streams.local_streams(config)),
     ))
     return restored.state
 

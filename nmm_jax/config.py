@@ -66,6 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
       num_packing_bins=8,
       num_workers=0,          # training pipeline worker processes (Grain mp_prefetch); 0: in-process
       prefetch=2,             # batches prepared ahead in a background thread; 0: none
+      streams=0,              # independent pipelines making the global batch (data/streams.py);
+                              # 0: one per process. Fix it to resume under another process count.
       tokenizer="",           # a .model (SentencePiece) or tokenizer.json; empty: the one in dir
       # Train-time image augmentation (eval: centre crop). The paper's setting.
       augment=dict(crop_scale=(0.4, 1.0), flip_prob=0.5),
@@ -156,7 +158,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
     _positive_int(c, f"data.{key}")
   _require(d.image_size % m.patch_size == 0, "data.image_size",
            f"must be a multiple of model.patch_size={m.patch_size}, got {d.image_size}")
-  for key in ("num_workers", "prefetch"):
+  for key in ("num_workers", "prefetch", "streams"):
     _require(isinstance(d[key], int) and d[key] >= 0, f"data.{key}",
              f"must be a non-negative integer, got {d[key]!r}")
   lo_hi = tuple(d.augment.crop_scale)
@@ -196,6 +198,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
            f"data*fsdp*expert = {batch_shards}")
   _require(t.batch_size % num_processes == 0, "train.batch_size",
            f"{t.batch_size} is not divisible by the {num_processes} processes")
+  streams = d.streams or num_processes
+  _require(streams % num_processes == 0, "data.streams",
+           f"{d.streams} is not a multiple of the {num_processes} processes")
+  _require(t.batch_size % streams == 0, "train.batch_size",
+           f"{t.batch_size} is not divisible by the {streams} data streams")
   for axis, dim_key in (("tensor", "num_heads"), ("tensor", "num_kv_heads"), ("tensor", "mlp_dim"),
                         ("tensor", "vocab_size"), ("fsdp", "d_model")):
     _require(getattr(m, dim_key) % mesh[axis] == 0, f"model.{dim_key}",

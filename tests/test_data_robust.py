@@ -90,7 +90,8 @@ def test_skip_counts_of_worker_processes_are_summed():
   every worker's latest counts."""
   from nmm_jax.data.stages import SkipTally
   tally = SkipTally()
-  reports = [(0, {"empty": 1}), (1, {"bad_image": 2}), (0, {"empty": 3}), (1, {"bad_image": 2})]
-  sums = [tally({"skipped": r})["skipped"] for r in reports]
+  reports = [((0, 0), {"empty": 1}), ((0, 1), {"bad_image": 2}), ((0, 0), {"empty": 3}),
+             ((0, 1), {"bad_image": 2})]
+  sums = [tally({"skipped": [r]})["skipped"] for r in reports]
   assert sums == [{"empty": 1}, {"empty": 1, "bad_image": 2}, {"empty": 3, "bad_image": 2},
                   {"empty": 3, "bad_image": 2}]

@@ -19,6 +19,7 @@ import msgpack
 import numpy as np
 
 from nmm_jax.data import images as images_lib
+from nmm_jax.data import streams as streams_lib
 from nmm_jax.data import writer
 from nmm_jax.data.features import TOKEN_KEYS, SkipDocument, document_pieces
 from nmm_jax.data.records import decode_document
@@ -96,9 +97,9 @@ def assign_global_image_ids(batch):
   return out
 
 
-def _source_dataset(records, config, tokenizer, source_id, seed, *, train: bool):
+def _source_dataset(records, config, tokenizer, source_id, seed, stream, total, *, train: bool):
   ds = grain.MapDataset.source(records)
-  ds = ds[jax.process_index()::jax.process_count()]
+  ds = ds[stream::total]  # this stream's records (streams.py)
   d, size = config.data, config.data.image_size
   piece_shape = dict(patches_per_image=(size // config.model.patch_size) ** 2, image_size=size,
                      seq_len=d.seq_len, max_images=d.max_images)
@@ -120,18 +121,10 @@ def _source_dataset(records, config, tokenizer, source_id, seed, *, train: bool)
   return ds.random_map(featurize_augmented, seed=seed)
 
 
-def make_dataset(config, directory: str, split: str, *, seed: int):
-  """The per-process batch stream for `split` ("train": infinite, shuffled; "eval": one pass).
-
-  Each batch also carries `skipped`: {reason: documents skipped so far by this process}.
-  Training batches are prepared ahead in a thread (`data.prefetch`) and optionally by worker
-  processes (`data.num_workers`); the iterator state covers both.
-  """
-  tokenizer = load_tokenizer(config, directory)
-  names = source_names(config)
-  train = split == "train"
-  parts, weights, unreadable = [], [], 0
-  for source_id, name in enumerate(names):
+def _open_sources(config, directory: str, split: str) -> tuple:
+  """([(records, weight)] in source-id order, number of unreadable shards)."""
+  sources, unreadable = [], 0
+  for name in source_names(config):
     paths = writer.shard_paths(os.path.join(directory, name), split)
     if not paths:
       raise FileNotFoundError(f"data.mixture names source {name!r} but {directory}/{name} holds "
@@ -141,13 +134,21 @@ def make_dataset(config, directory: str, split: str, *, seed: int):
       raise FileNotFoundError(f"source {name!r}: none of its {len(paths)} {split} shards in "
                               f"{directory}/{name} could be read (see the warnings above)")
     unreadable += len(records.unreadable)
-    parts.append(_source_dataset(records, config, tokenizer, source_id, seed + source_id,
-                                 train=train))
-    weights.append(config.data.mixture[name])
+    sources.append((records, config.data.mixture[name]))
+  return sources, unreadable
+
+
+def _stream_batches(config, sources, tokenizer, stream: int, total: int, unreadable: int, *,
+                    seed: int, train: bool):
+  """Batches of `train.batch_size / total` rows from stream `stream` of `total`."""
+  parts = [_source_dataset(records, config, tokenizer, source_id, seed + source_id, stream,
+                           total, train=train)
+           for source_id, (records, _) in enumerate(sources)]
   # Evaluation mixes too (one pass, ending with the first source to run out), so every source
   # appears in the first few eval batches.
-  mixed = grain.MapDataset.mix(parts, weights)
-  counter = SkipCounter({"unreadable_shard": unreadable} if unreadable else None)
+  mixed = grain.MapDataset.mix(parts, [weight for _, weight in sources])
+  # Unreadable shards are counted once, by stream 0.
+  counter = SkipCounter({"unreadable_shard": unreadable} if unreadable and stream == 0 else None)
   # No reader threads: featurizing is Python-bound, and threads contending for the GIL made the
   # pipeline 2.4x slower (178 -> 428 sequences/s on the default config). Parallelism comes
   # from worker processes (data.num_workers) instead.
@@ -158,28 +159,52 @@ def make_dataset(config, directory: str, split: str, *, seed: int):
       pieces, length_struct=length, num_packing_bins=config.data.num_packing_bins,
       seed=seed, shuffle_bins=train,
       padding_struct={k: _PAD_VALUES.get(k, 0) for k in length})
-  per_process = config.train.batch_size // jax.process_count()
-  batches = packed.batch(per_process, drop_remainder=train).map(assign_global_image_ids)
+  rows = config.train.batch_size // total
+  batches = packed.batch(rows, drop_remainder=train).map(assign_global_image_ids)
   if not train:
-    batches = batches.map(functools.partial(pad_rows, rows=per_process))
-  batches = batches.map(functools.partial(attach_skip_counts, counter=counter))
+    batches = batches.map(functools.partial(pad_rows, rows=rows))
+  batches = batches.map(functools.partial(attach_skip_counts, counter=counter, stream=stream))
   if train and config.data.num_workers:
     if not flags.FLAGS.is_parsed():
       # Grain's worker start-up reads its absl flags; outside an absl app (a notebook, a
       # test) they were never parsed, and their defaults are what we want.
       flags.FLAGS.mark_as_parsed()
-    # Each worker process runs the whole pipeline on its slice of the mixed documents; their
+    # Each worker process runs the stream's pipeline on its slice of the mixed documents; their
     # batches are taken in turn. The stream depends on num_workers (keep it fixed to resume).
     batches = batches.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=config.data.num_workers,
                                      per_worker_buffer_size=2),
         worker_init_fn=set_worker_index)
+  return batches
+
+
+def make_dataset(config, directory: str, split: str, *, seed: int):
+  """This process's batches for `split` ("train": infinite, shuffled; "eval": one pass): its
+  rows of each global batch, from the data streams it runs (streams.py).
+
+  Each batch also carries `skipped`: {reason: documents skipped so far by this process}.
+  Training batches are prepared ahead in a thread (`data.prefetch`) and optionally by worker
+  processes (`data.num_workers`); the iterator state covers both.
+  """
+  tokenizer = load_tokenizer(config, directory)
+  train = split == "train"
+  sources, unreadable = _open_sources(config, directory, split)
+  total = streams_lib.num_streams(config)
+  per_stream = {s: _stream_batches(config, sources, tokenizer, s, total, unreadable, seed=seed,
+                                   train=train)
+                for s in streams_lib.local_streams(config)}
+  batches = streams_lib.ConcatStreams(per_stream, empty_like=None if train else empty_rows)
   batches = batches.map(SkipTally())
   if train and config.data.prefetch:
     # Prepares the next batches while the step loop waits on the device.
     batches = grain.experimental.ThreadPrefetchIterDataset(
         batches, prefetch_buffer_size=config.data.prefetch)
   return batches
+
+
+def empty_rows(batch):
+  """An all-padding batch shaped like `batch` (for an eval stream that has ended)."""
+  return {k: np.full_like(v, _PAD_VALUES.get(k, 0)) for k, v in batch.items() if k != "skipped"}
 
 
 def pad_rows(batch, rows: int):

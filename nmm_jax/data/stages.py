@@ -7,8 +7,8 @@
   counting them by reason; its checkpointed state includes the counts.
 * `attach_skip_counts`: the map that adds `skipped` (reason -> count since the start of
   training, restored on resume with `Unpack`'s state) to each batch.
-* `SkipTally`: with worker processes each worker counts its own slice of the data; this map, in
-  the main process, turns the workers' counts into their sum.
+* `SkipTally`: each stream and worker process counts its own slice of the data; this map, in
+  the main process, turns their counts into the sum.
 """
 import bisect
 import collections
@@ -142,10 +142,10 @@ def set_worker_index(worker_index: int, worker_count: int):
   _worker_index = worker_index
 
 
-def attach_skip_counts(batch, counter: SkipCounter):
-  """Adds `skipped` = (worker index, {reason: count so far}) to a batch: a plain map, so the
-  counts restored with `Unpack`'s state are what the next batch reports."""
-  return {**batch, "skipped": (_worker_index, dict(counter.counts))}
+def attach_skip_counts(batch, counter: SkipCounter, stream: int = 0):
+  """Adds `skipped` = ((stream, worker index), {reason: count so far}) to a batch: a plain map,
+  so the counts restored with `Unpack`'s state are what the next batch reports."""
+  return {**batch, "skipped": ((stream, _worker_index), dict(counter.counts))}
 
 
 def sum_over_processes(counts: dict) -> dict:
@@ -160,16 +160,17 @@ def sum_over_processes(counts: dict) -> dict:
 
 
 class SkipTally:
-  """Map in the main process: `skipped` (worker, counts) -> {reason: sum over workers}, from
-  each worker's latest counts. After a resume a worker's first batch brings back its restored
-  counts, so the sum is complete again once every worker has delivered a batch."""
+  """Map in the main process: `skipped` (a list of ((stream, worker), counts), one per stream
+  in the batch) -> {reason: sum}, from the latest counts of every stream and worker. After a
+  resume a worker's first batch brings back its restored counts, so the sum is complete again
+  once every worker has delivered a batch."""
 
   def __init__(self):
     self._latest = {}
 
   def __call__(self, batch):
-    worker, counts = batch["skipped"]
-    self._latest[worker] = counts
+    for source, counts in batch["skipped"]:
+      self._latest[tuple(source)] = counts
     total = collections.Counter()
     for c in self._latest.values():
       total.update(c)

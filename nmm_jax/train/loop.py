@@ -113,7 +113,7 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
   if start_step:
     abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
-    state = checkpointer.restore(start_step, abstract_state, data_iter)
+    state = checkpointer.restore(start_step, abstract_state, data_iter, config)
     logging.warning("Resumed from the checkpoint at step %d in %s", start_step, workdir)
 
   batch_sh = sharding.batch_shardings(BATCH_NDIMS, mesh, rules)
