@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from nmm_jax import config as config_lib
@@ -26,18 +27,32 @@ from nmm_jax.train.step import make_eval_step, make_train_step
 
 
 class _StopRequest:
-  """Set by SIGTERM; the loop checks it between steps, saves and returns."""
+  """When to stop for a preemption (SIGTERM), checked between steps.
+
+  One process: our SIGTERM handler sets a flag. Several: JAX's preemption service catches the
+  SIGTERM any of them gets and agrees on a step at which every process stops (a Python handler
+  here would replace its own), so all save the same step.
+  """
 
   def __init__(self):
     self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._multi = jax.process_count() > 1
+    if not self._multi:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
 
+  def at(self, step: int) -> bool:
+    """Whether to save and stop after `step` (every process must ask at every step)."""
+    if self._multi:
+      self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if not self._multi:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 # Rank of each batch-contract array (the shardings are needed before the first batch, for jit).
@@ -181,6 +196,8 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
       if step % config.checkpoint.every_steps == 0 or step == config.train.steps:
         checkpointer.save(step, state, data_iter, config)
         last_saved = step
+      if stop.at(step):
+        break
     if stop.requested:
       if step > last_saved:
         checkpointer.save(step, state, data_iter, config)

@@ -1,0 +1,121 @@
+"""Multi-process training with real processes on localhost (jax.distributed, gloo on CPU).
+
+One 1-process run (8 devices) is the reference. A 2-process run (4 devices each) of the same
+config is stopped by SIGTERM, resumed by the same command and stopped again, then finished by a
+1-process run on another mesh: every step's loss equals the reference's, and the processes
+agree on the step they stop at. A process that dies makes the other one exit with an error.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+STEPS = 16
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def start(workdir, data_dir, processes: int, *extra, tag="run"):
+  """The training processes of one job (each with 8 / processes CPU devices); process i logs
+  to WORKDIR-TAG-pI.log."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // processes}"
+  base = [sys.executable, "-m", "nmm_jax.train", "--config=configs/tiny.py",
+          f"--workdir={workdir}", f"--config.train.steps={STEPS}", "--config.data.streams=2",
+          f"--config.data.dir={data_dir}", *extra]
+  port = free_port()
+  procs = []
+  for i in range(processes):
+    dist = ([f"--coordinator_address=localhost:{port}", f"--num_processes={processes}",
+             f"--process_id={i}"] if processes > 1 else [])
+    log = open(f"{workdir}-{tag}-p{i}.log", "w")
+    procs.append(subprocess.Popen(base + dist, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL))
+  return procs
+
+
+def logged(workdir) -> dict:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return {r["step"]: r for r in map(json.loads, f) if r}
+
+
+def finish(procs, timeout=300) -> list:
+  codes = []
+  for p in procs:
+    codes.append(p.wait(timeout=timeout))
+  return codes
+
+
+def stop_after(procs, workdir, step: int) -> list:
+  """SIGTERM to every process once `step` is logged; their exit codes."""
+  deadline = time.time() + 300
+  while max(logged(workdir), default=0) < step:
+    assert time.time() < deadline and all(p.poll() is None for p in procs), "run ended early"
+    time.sleep(0.05)
+  for p in procs:
+    p.send_signal(signal.SIGTERM)
+  return finish(procs)
+
+
+def checkpoints(workdir) -> list:
+  return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shapes_data_dir):
+  workdir = str(tmp_path_factory.mktemp("reference") / "run")
+  assert finish(start(workdir, shapes_data_dir, 1)) == [0]
+  return logged(workdir)
+
+
+def test_two_processes_stop_resume_and_finish_on_another_mesh(reference, shapes_data_dir,
+                                                             tmp_path):
+  workdir = str(tmp_path / "run")
+  # Preempted: both processes get SIGTERM, agree on a step, save it and exit 0.
+  assert stop_after(start(workdir, shapes_data_dir, 2, tag="a"), workdir, 3) == [0, 0]
+  first_stop = checkpoints(workdir)[-1]
+  assert 3 <= first_stop < STEPS
+  # The same command resumes from it; stopped again.
+  assert stop_after(start(workdir, shapes_data_dir, 2, tag="b"), workdir,
+                    first_stop + 2) == [0, 0]
+  second_stop = checkpoints(workdir)[-1]
+  assert first_stop < second_stop < STEPS
+  # One process with 8 devices on an fsdp=2 mesh restores the 2-process checkpoint (state
+  # resharded, both data streams' states read) and finishes.
+  assert finish(start(workdir, shapes_data_dir, 1, "--config.mesh.fsdp=2", tag="c")) == [0]
+
+  got = logged(workdir)
+  assert sorted(got) == list(range(1, STEPS + 1))
+  for step in range(1, STEPS + 1):
+    assert got[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-4), step
+  assert got[STEPS]["eval/loss"] == pytest.approx(reference[STEPS]["eval/loss"], rel=1e-4)
+  # Metrics come from process 0 only: one event file per invocation, not one per process.
+  assert len(os.listdir(os.path.join(workdir, "tb"))) == 3
+
+
+def test_a_dead_process_stops_the_others_with_an_error(shapes_data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  procs = start(workdir, shapes_data_dir, 2, "--distributed_timeout=10",
+                f"--config.train.steps={10 * STEPS}", tag="fail")
+  deadline = time.time() + 300
+  while max(logged(workdir), default=0) < 2:
+    assert time.time() < deadline and all(p.poll() is None for p in procs), "run ended early"
+    time.sleep(0.05)
+  procs[1].kill()
+  started = time.time()
+  code = procs[0].wait(timeout=120)
+  assert code != 0 and time.time() - started < 60
+  with open(f"{workdir}-fail-p0.log") as f:
+    assert "detected fatal errors" in f.read()
