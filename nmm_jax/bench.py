@@ -57,7 +57,7 @@ def benchmark(config) -> dict:
           f"4096x512x2048)"
           + (f", {sheet:.0f} datasheet ({tflops / sheet:.2f})" if sheet else ""))
 
-  tx = optimizer.make_optimizer(config.train)
+  tx = optimizer.make_optimizer(config.train, config.model)
   graphdef, abstract = state_lib.abstract_model_state(config.model)
   state_sh = state_lib.state_shardings(abstract, tx, config.sharding_rules, mesh)
   state = state_lib.create_state(config.model, tx, config.train.seed, state_sh)

@@ -5,7 +5,10 @@ before any model is built or compiled and raises ConfigError naming the offendin
 """
 import ml_collections
 
-FUSIONS = ("early",)  # late fusion and MoE arrive with their own issue
+FUSIONS = ("early", "late")
+# How late fusion feeds encoder layers to the decoder (models/nmm.py): "none" = the last layer
+# only (plain late fusion); the rest use model.vision_layers.
+VISION_FUSIONS = ("none", "input_concat", "internal_add", "internal_xattn")
 SCHEDULES = ("inverse_sqrt", "cosine")
 REMATS = ("none", "full", "save_dots")
 DTYPES = ("float32", "bfloat16")
@@ -53,6 +56,16 @@ def base_config() -> ml_collections.ConfigDict:
       remat="none",           # one of REMATS
       scan_unroll=1,          # layers per scan iteration; >= num_layers: no loop (faster, longer compile)
       moe=dict(num_experts=0, top_k=1),
+      # Late fusion (fusion="late"): a ViT trained from scratch + a 2-layer GELU connector.
+      vision=dict(d_model=64, num_layers=4, num_heads=4, mlp_dim=256,
+                  num_patches=16,      # (data.image_size / patch_size)^2
+                  lr_scale=1.0,        # the encoder's learning rate = lr * lr_scale
+                  freeze=False),       # no gradient into the encoder
+      vision_fusion="none",            # one of VISION_FUSIONS
+      vision_layers=(-1,),             # encoder layers used (negative: from the end); the last
+                                       # listed is the decoder's input in the internal modes
+      fusion_decoder_layers=(),        # internal modes: the decoder layer each other listed
+                                       # encoder layer is added / cross-attended before
   )
   c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1)
   c.sharding_rules = DEFAULT_SHARDING_RULES
@@ -110,6 +123,39 @@ def _positive_int(c, key):
   return value
 
 
+def _validate_late_fusion(c):
+  m, d, v = c.model, c.data, c.model.vision
+  for key in ("d_model", "num_layers", "num_heads", "mlp_dim", "num_patches"):
+    _positive_int(c, f"model.vision.{key}")
+  _require(v.d_model % v.num_heads == 0, "model.vision.num_heads",
+           f"must divide model.vision.d_model={v.d_model}, got {v.num_heads}")
+  patches = (d.image_size // m.patch_size) ** 2
+  _require(v.num_patches == patches, "model.vision.num_patches",
+           f"must be (data.image_size / model.patch_size)^2 = {patches}, got {v.num_patches}")
+  _require(v.lr_scale >= 0, "model.vision.lr_scale", f"must be >= 0, got {v.lr_scale}")
+  _require(m.vision_fusion in VISION_FUSIONS, "model.vision_fusion",
+           f"must be one of {VISION_FUSIONS}, got {m.vision_fusion!r}")
+  layers = tuple(m.vision_layers)
+  _require(layers and all(isinstance(j, int) and -v.num_layers <= j < v.num_layers
+                          for j in layers)
+           and len({j % v.num_layers for j in layers}) == len(layers), "model.vision_layers",
+           f"must be distinct layer indices in [-{v.num_layers}, {v.num_layers}), got {layers}")
+  targets = tuple(m.fusion_decoder_layers)
+  if m.vision_fusion in ("internal_add", "internal_xattn"):
+    _require(len(layers) >= 2, "model.vision_layers",
+             f"{m.vision_fusion} needs at least 2 layers (the last is the input), got {layers}")
+    _require(len(targets) == len(layers) - 1 and len(set(targets)) == len(targets)
+             and all(isinstance(t, int) and 0 <= t < m.num_layers for t in targets),
+             "model.fusion_decoder_layers",
+             f"needs {len(layers) - 1} distinct decoder layers in [0, {m.num_layers}) (one per "
+             f"model.vision_layers entry but the last), got {targets}")
+    _require(m.d_model % m.num_heads == 0, "model.num_heads",
+             f"must divide model.d_model={m.d_model} for the fusion blocks")
+  else:
+    _require(not targets, "model.fusion_decoder_layers",
+             f"is only used by internal_add / internal_xattn, got {targets}")
+
+
 def resolve_mesh_shape(mesh_cfg, num_devices: int) -> dict:
   """Mesh axis sizes with the one -1 replaced by the devices left over."""
   sizes = {axis: mesh_cfg[axis] for axis in MESH_AXES}
@@ -150,6 +196,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
            f"must be one of {DTYPES}, got {m.param_dtype!r}")
   _require(m.remat in REMATS, "model.remat", f"must be one of {REMATS}, got {m.remat!r}")
   _positive_int(c, "model.scan_unroll")
+  if m.fusion == "late":
+    _validate_late_fusion(c)
   _require(m.moe.num_experts == 0, "model.moe.num_experts",
            "mixture-of-experts layers are not built yet; use 0")
 

@@ -35,6 +35,7 @@ class DecoderBlock(nnx.Module):
 class Decoder(nnx.Module):
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.remat = cfg.remat
+    self.num_layers = cfg.num_layers
     self.scan_unroll = min(cfg.scan_unroll, cfg.num_layers)
     self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
 
@@ -47,7 +48,10 @@ class Decoder(nnx.Module):
 
     self.blocks = make_blocks(rngs)
 
-  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL):
+  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL, before_layer=None):
+    """`before_layer`: {decoder layer index: fn(x_BxLxD) -> x_BxLxD} applied to the residual
+    stream just before that layer (late fusion's internal modes); the layers between two such
+    points run as one scan over their slice of the stacked parameters."""
     rope = rope_tables(positions_BxL, self.head_dim, self.rope_theta)
 
     def apply_block(x_BxLxD, block):
@@ -56,10 +60,23 @@ class Decoder(nnx.Module):
     policy = REMAT_POLICIES[self.remat]
     if self.remat != "none":
       apply_block = nnx.remat(apply_block, policy=policy, prevent_cse=False)
-    # unroll >= num_layers removes the loop: on XLA:CPU that saves stacking every layer's residuals
-    # for the backward pass (bench config: 5.6 -> 4.7 s/step), at a compile time that grows with
-    # depth. The parameters stay stacked either way.
-    scan = nnx.scan(apply_block, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
-                    unroll=self.scan_unroll,
-                    transform_metadata={nnx.PARTITION_NAME: "layers"})
-    return scan(x_BxLxD, self.blocks)
+
+    def run(x_BxLxD, blocks, length):
+      # unroll >= length removes the loop: on XLA:CPU that saves stacking every layer's
+      # residuals for the backward pass (bench config: 5.6 -> 4.7 s/step), at a compile time
+      # that grows with depth. The parameters stay stacked either way.
+      scan = nnx.scan(apply_block, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+                      unroll=min(self.scan_unroll, length),
+                      transform_metadata={nnx.PARTITION_NAME: "layers"})
+      return scan(x_BxLxD, blocks)
+
+    if not before_layer:
+      return run(x_BxLxD, self.blocks, self.num_layers)
+    graphdef, stacked = nnx.split(self.blocks)
+    bounds = sorted(set(before_layer) | {0, self.num_layers})
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+      if start in before_layer:
+        x_BxLxD = before_layer[start](x_BxLxD)
+      segment = nnx.merge(graphdef, jax.tree.map(lambda a: a[start:stop], stacked))
+      x_BxLxD = run(x_BxLxD, segment, stop - start)
+    return x_BxLxD

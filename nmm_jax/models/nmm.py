@@ -1,15 +1,27 @@
 """The native multimodal model: image patches and text tokens in one decoder.
 
 `fusion="early"`: raw normalised patches -> one linear layer -> the decoder, no vision encoder.
+`fusion="late"`: patches -> a ViT (models/vision.py) -> a 2-layer GELU connector -> the decoder,
+with `vision_fusion` choosing how encoder layers reach it:
+  none            the last encoder layer only (plain late fusion);
+  input_concat    the `vision_layers` concatenated along channels before the connector;
+  internal_add    the last listed layer is the input; each other one goes through its own MLP
+                  and is added to the residual stream at the image positions, just before
+                  decoder layer `fusion_decoder_layers[i]`;
+  internal_xattn  the last listed layer is the input; each other one is cross-attended by a
+                  tanh-gated (zero-initialised) block before decoder layer
+                  `fusion_decoder_layers[i]`.
 The model returns final hidden states; the LM head is applied by the loss (see train/loss.py) so
 the [tokens, vocab] logits never need to exist all at once.
 """
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from nmm_jax.models.attention import attention_mask
 from nmm_jax.models.decoder import Decoder
 from nmm_jax.models.layers import RMSNorm, fan_in_init, make_param
+from nmm_jax.models.vision import MLP, GatedCrossAttention, VisionEncoder, image_cross_mask
 
 
 def patchify(images_BxIxHxWxC, patch_size: int):
@@ -21,19 +33,45 @@ def patchify(images_BxIxHxWxC, patch_size: int):
   return x.astype(jnp.float32) / 127.5 - 1.0
 
 
+def vision_layer_plan(cfg):
+  """(encoder layers feeding the connector, [(encoder layer, decoder layer)] injected inside),
+  encoder layer indices made non-negative."""
+  depth = cfg.vision.num_layers
+  layers = [j % depth for j in cfg.vision_layers]
+  if cfg.vision_fusion == "none":
+    return (depth - 1,), []
+  if cfg.vision_fusion == "input_concat":
+    return tuple(layers), []
+  return (layers[-1],), list(zip(layers[:-1], cfg.fusion_decoder_layers))
+
+
 class NMM(nnx.Module):
   def __init__(self, cfg, *, rngs: nnx.Rngs):
-    if cfg.fusion != "early":
-      raise NotImplementedError(f"model.fusion={cfg.fusion!r} is not built yet")
     dtype = jnp.dtype(cfg.param_dtype)
     self.compute_dtype = jnp.dtype(cfg.dtype)
     self.patch_size = cfg.patch_size
     self.tie_embeddings = cfg.tie_embeddings
+    self.fusion, self.vision_fusion = cfg.fusion, cfg.vision_fusion
     patch_dim = cfg.patch_size * cfg.patch_size * cfg.num_channels
     self.embed_VxD = make_param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, cfg.d_model),
                                 ("vocab", "embed"), dtype)
-    self.patch_proj_PxD = make_param(rngs, fan_in_init(), (patch_dim, cfg.d_model),
-                                     (None, "embed"), dtype)
+    if cfg.fusion == "early":
+      self.patch_proj_PxD = make_param(rngs, fan_in_init(), (patch_dim, cfg.d_model),
+                                       (None, "embed"), dtype)
+    else:
+      v = cfg.vision
+      self.freeze_vision = v.freeze
+      self.vision = VisionEncoder(v, patch_dim, eps=cfg.norm_eps, param_dtype=dtype, rngs=rngs)
+      self.input_layers, self.injected = vision_layer_plan(cfg)
+      self.connector = MLP(len(self.input_layers) * v.d_model, cfg.d_model, cfg.d_model,
+                           param_dtype=dtype, rngs=rngs)
+      if cfg.vision_fusion == "internal_add":
+        self.fusion_blocks = nnx.List([MLP(v.d_model, cfg.d_model, cfg.d_model, param_dtype=dtype,
+                                           rngs=rngs) for _ in self.injected])
+      elif cfg.vision_fusion == "internal_xattn":
+        self.fusion_blocks = nnx.List([
+            GatedCrossAttention(cfg.d_model, v.d_model, cfg.num_heads, eps=cfg.norm_eps,
+                                param_dtype=dtype, rngs=rngs) for _ in self.injected])
     self.decoder = Decoder(cfg, rngs=rngs)
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, axis_name="embed", param_dtype=dtype,
                               rngs=rngs)
@@ -46,27 +84,70 @@ class NMM(nnx.Module):
       return self.embed_VxD[...].T
     return self.head_DxV[...]
 
-  def embed(self, batch):
-    """Token embeddings, with each image position replaced by its projected patch."""
-    tokens_BxL = batch["tokens"]
-    x_BxLxD = jnp.take(self.embed_VxD[...], tokens_BxL, axis=0)
-    if "images" not in batch:  # text-only batches (benchmarks, text evaluation)
-      return x_BxLxD.astype(self.compute_dtype)
+  def _encoder_layers(self, batch):
+    """Late fusion: every encoder layer's patch features, [J, B, I*P, W]."""
     patches_BxIxPxC = patchify(batch["images"], self.patch_size).astype(self.compute_dtype)
-    b, i, p, _ = patches_BxIxPxC.shape
-    patch_emb_BxNxD = jnp.einsum("bipc,cd->bipd", patches_BxIxPxC,
-                                 self.patch_proj_PxD[...].astype(self.compute_dtype)
-                                 ).reshape(b, i * p, -1)
+    b, i, p, c = patches_BxIxPxC.shape
+    every_JxNxPxW = self.vision(patches_BxIxPxC.reshape(b * i, p, c))
+    if self.freeze_vision:
+      every_JxNxPxW = jax.lax.stop_gradient(every_JxNxPxW)
+    return every_JxNxPxW.reshape(every_JxNxPxW.shape[0], b, i * p, -1)
+
+  @staticmethod
+  def _at_tokens(per_patch_BxNxD, batch):
+    """Per-patch vectors [B, I*P, D] -> [B, L, D] at each token's image patch (0 for text)."""
     image_ids_BxL, patch_ids_BxL = batch["image_ids"], batch["patch_ids"]
+    patches = per_patch_BxNxD.shape[1] // batch["images"].shape[1]
     is_image_BxL = image_ids_BxL >= 0
-    flat_index_BxL = jnp.where(is_image_BxL, image_ids_BxL * p + patch_ids_BxL, 0)
-    image_x_BxLxD = jnp.take_along_axis(patch_emb_BxNxD, flat_index_BxL[..., None], axis=1)
-    return jnp.where(is_image_BxL[..., None], image_x_BxLxD, x_BxLxD.astype(self.compute_dtype))
+    flat_index_BxL = jnp.where(is_image_BxL, image_ids_BxL * patches + patch_ids_BxL, 0)
+    at_BxLxD = jnp.take_along_axis(per_patch_BxNxD, flat_index_BxL[..., None], axis=1)
+    return jnp.where(is_image_BxL[..., None], at_BxLxD, 0).astype(per_patch_BxNxD.dtype)
+
+  def embed(self, batch, encoder_layers=None):
+    """Token embeddings, with each image position replaced by its patch's embedding."""
+    tokens_BxL = batch["tokens"]
+    x_BxLxD = jnp.take(self.embed_VxD[...], tokens_BxL, axis=0).astype(self.compute_dtype)
+    if "images" not in batch:  # text-only batches (benchmarks, text evaluation)
+      return x_BxLxD
+    if self.fusion == "early":
+      patches_BxIxPxC = patchify(batch["images"], self.patch_size).astype(self.compute_dtype)
+      b, i, p, _ = patches_BxIxPxC.shape
+      image_BxNxD = jnp.einsum("bipc,cd->bipd", patches_BxIxPxC,
+                               self.patch_proj_PxD[...].astype(self.compute_dtype)
+                               ).reshape(b, i * p, -1)
+    else:
+      if encoder_layers is None:
+        encoder_layers = self._encoder_layers(batch)
+      image_BxNxD = self.connector(jnp.concatenate([encoder_layers[j] for j in self.input_layers],
+                                                   axis=-1))
+    is_image_BxLx1 = (batch["image_ids"] >= 0)[..., None]
+    return jnp.where(is_image_BxLx1, self._at_tokens(image_BxNxD, batch), x_BxLxD)
+
+  def _injections(self, batch, encoder_layers):
+    """{decoder layer: fn(x) -> x} for the internal fusion modes."""
+    if self.fusion != "late" or not self.injected or "images" not in batch:
+      return None
+    before = {}
+    if self.vision_fusion == "internal_add":
+      for (j, layer), mlp in zip(self.injected, self.fusion_blocks):
+        added_BxLxD = self._at_tokens(mlp(encoder_layers[j]), batch)
+        before[layer] = lambda x, added=added_BxLxD: x + added.astype(x.dtype)
+    else:
+      mask_Bx1xLxM, any_BxLx1 = image_cross_mask(
+          batch["segment_ids"], batch["image_ids"], batch["images"].shape[1],
+          encoder_layers.shape[2] // batch["images"].shape[1])
+      for (j, layer), xattn in zip(self.injected, self.fusion_blocks):
+        before[layer] = (lambda x, block=xattn, feats=encoder_layers[j]:
+                         block(x, feats, mask_Bx1xLxM, any_BxLx1))
+    return before
 
   def __call__(self, batch):
     """Final hidden states [B, L, D] (after the final norm)."""
     mask_Bx1xLxL = attention_mask(batch["segment_ids"], batch["image_ids"])
-    x_BxLxD = self.decoder(self.embed(batch), batch["positions"], mask_Bx1xLxL)
+    encoder_layers = (self._encoder_layers(batch)
+                      if self.fusion == "late" and "images" in batch else None)
+    x_BxLxD = self.decoder(self.embed(batch, encoder_layers), batch["positions"], mask_Bx1xLxL,
+                           self._injections(batch, encoder_layers))
     return self.final_norm(x_BxLxD)
 
   def logits(self, batch):

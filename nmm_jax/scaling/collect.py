@@ -45,7 +45,8 @@ def collect_run(workdir: str) -> dict:
   counts = flops.param_counts(saved.model)
   sequences = step * saved.train.batch_size
   row = {"N": counts["matmul"], "N_total": counts["total"], "D": sequences * saved.data.seq_len,
-         "C": flops.train_flops_per_sequence(saved.model, saved.data.seq_len) * sequences,
+         "C": flops.train_flops_per_sequence(saved.model, saved.data.seq_len,
+                                             saved.data.max_images) * sequences,
          "loss": record["eval/loss"], "run": os.path.basename(os.path.normpath(workdir)),
          "width": saved.model.d_model, "steps": step}
   row.update({k[len("eval/"):]: v for k, v in record.items() if k.startswith("eval/loss/")})

@@ -1,8 +1,12 @@
 """Parameter and FLOP accounting: the one place model sizes and compute are counted.
 
-Training compute C = 6 * N * D (early fusion), N = parameters taking part in matmuls (the
-embedding lookup is not a matmul; the LM head is), plus causal attention at half of its full
-cost: 6 * layers * S^2 * (heads * head_dim) per sequence of length S (MaxText's count).
+Training compute C = 6 * N * D: N = parameters taking part in matmuls (the embedding lookup is not
+a matmul; the LM head is), D = tokens they process. Early fusion: every sequence position passes
+the decoder, image patches included. Late fusion adds 6 * N_v * D_v: N_v = the encoder, connector
+and fusion modules' per-patch matmuls, D_v = image slots * patches (the encoder runs on every
+slot of a row, empty ones too). Attention adds 6 * layers * S^2 * (heads * head_dim) per decoder
+sequence (causal: half of full cost, MaxText's count), 12 * P^2 * width per encoder layer and
+image, and 12 * S * I*P * d_model per cross-attention block.
 """
 
 
@@ -13,20 +17,67 @@ def decoder_layer_params(m) -> int:
   return attn + mlp + norms
 
 
+def _patch_dim(m) -> int:
+  return m.patch_size * m.patch_size * m.num_channels
+
+
+def _fusion_shape(m) -> tuple:
+  """(encoder layers into the connector, number of injected fusion blocks)."""
+  if m.vision_fusion == "none":
+    return 1, 0
+  if m.vision_fusion == "input_concat":
+    return len(m.vision_layers), 0
+  return 1, len(m.vision_layers) - 1
+
+
+def vision_param_counts(m) -> dict:
+  """Late fusion's encoder + connector + fusion blocks: {"total", "matmul" (per patch),
+  "decoder_matmul" (per sequence token: the cross-attention queries and outputs)}."""
+  v, d = m.vision, m.d_model
+  w, f, j = v.d_model, v.mlp_dim, v.num_layers
+  encoder_matmul = _patch_dim(m) * w + j * (4 * w * w + 2 * w * f)
+  encoder_total = encoder_matmul + v.num_patches * w + 2 * w + j * 4 * w
+  inputs, blocks = _fusion_shape(m)
+  connector = inputs * w * d + d * d
+  matmul, total, decoder_matmul = encoder_matmul + connector, encoder_total + connector, 0
+  if m.vision_fusion == "internal_add":
+    matmul += blocks * (w * d + d * d)
+    total += blocks * (w * d + d * d)
+  elif m.vision_fusion == "internal_xattn":
+    matmul += blocks * 2 * w * d
+    decoder_matmul = blocks * 2 * d * d
+    total += blocks * (2 * d + 2 * d * d + 2 * w * d + 1)
+  return {"total": total, "matmul": matmul, "decoder_matmul": decoder_matmul}
+
+
 def param_counts(m) -> dict:
-  """{"total", "matmul"} parameter counts of an early-fusion model config."""
+  """{"total", "matmul", "vision_matmul"}: all parameters; the matmul parameters every sequence
+  token passes (N); those every image patch slot passes (N_v, late fusion)."""
   embed = m.vocab_size * m.d_model
   head = 0 if m.tie_embeddings else m.d_model * m.vocab_size
-  patch = m.patch_size * m.patch_size * m.num_channels * m.d_model
   layers = m.num_layers * decoder_layer_params(m)
-  total = embed + head + patch + layers + m.d_model
   matmul = m.num_layers * m.d_model * (m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
-                                       + 3 * m.mlp_dim) + m.d_model * m.vocab_size + patch
-  return {"total": total, "matmul": matmul}
+                                       + 3 * m.mlp_dim) + m.d_model * m.vocab_size
+  total = embed + head + layers + m.d_model
+  if m.fusion == "early":
+    patch = _patch_dim(m) * m.d_model
+    return {"total": total + patch, "matmul": matmul + patch, "vision_matmul": 0}
+  vision = vision_param_counts(m)
+  return {"total": total + vision["total"], "matmul": matmul + vision["decoder_matmul"],
+          "vision_matmul": vision["matmul"]}
 
 
-def train_flops_per_sequence(m, seq_len: int) -> float:
-  """Model FLOPs of one training step (forward + backward) on one sequence."""
-  dense = 6.0 * param_counts(m)["matmul"] * seq_len
-  attention = 6.0 * m.num_layers * seq_len ** 2 * m.num_heads * m.head_dim
-  return dense + attention
+def train_flops_per_sequence(m, seq_len: int, images_per_row: int = 0) -> float:
+  """Model FLOPs of one training step (forward + backward) on one sequence; `images_per_row`
+  (data.max_images) counts late fusion's encoder work."""
+  counts = param_counts(m)
+  flops = 6.0 * counts["matmul"] * seq_len
+  flops += 6.0 * m.num_layers * seq_len ** 2 * m.num_heads * m.head_dim
+  if m.fusion == "late" and images_per_row:
+    p = m.vision.num_patches
+    flops += 6.0 * counts["vision_matmul"] * images_per_row * p
+    flops += 12.0 * m.vision.num_layers * p ** 2 * m.vision.d_model * images_per_row
+    _, blocks = _fusion_shape(m)
+    if m.vision_fusion == "internal_xattn":
+      flops += 12.0 * blocks * seq_len * images_per_row * p * m.d_model
+  return flops

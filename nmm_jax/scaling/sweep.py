@@ -62,7 +62,7 @@ def plan(config, widths, *, budgets=(), tokens=(), min_steps: int = 20) -> tuple
     for width in widths:
       model_overrides = resize(config.model, width)
       model = _resized_model(config, model_overrides)
-      step_flops = flops.train_flops_per_sequence(model, seq_len) * batch
+      step_flops = flops.train_flops_per_sequence(model, seq_len, config.data.max_images) * batch
       steps = round(amount / step_flops) if budgets else round(amount / (batch * seq_len))
       label = ("C" if budgets else "D") + f"{amount:.2g}".replace("+", "")
       name = f"{label}_w{width}"

@@ -113,7 +113,7 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
         f"{tokenizer.vocab_size} entries ({tokenizer.path})")
   source_names = pipeline.source_names(config)
 
-  tx = optimizer_lib.make_optimizer(config.train)
+  tx = optimizer_lib.make_optimizer(config.train, config.model)
   schedule = optimizer_lib.learning_rate_schedule(config.train)
   graphdef, abstract_params = state_lib.abstract_model_state(config.model)
   state_sh = state_lib.state_shardings(abstract_params, tx, rules, mesh)
@@ -141,7 +141,8 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
                       in_shardings=(state_sh["params"], batch_sh),
                       out_shardings=sharding.replicated(mesh))
 
-  seq_flops = flops.train_flops_per_sequence(config.model, config.data.seq_len)
+  seq_flops = flops.train_flops_per_sequence(config.model, config.data.seq_len,
+                                               config.data.max_images)
   step_flops = seq_flops * config.train.batch_size
   peak_flops = hardware.peak_tflops_per_device(config.model.dtype) * 1e12 * len(devices)
   tokens_per_step = config.train.batch_size * config.data.seq_len

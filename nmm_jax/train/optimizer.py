@@ -25,15 +25,30 @@ def learning_rate_schedule(t) -> optax.Schedule:
 
 
 def _decay_mask(params):
-  """Weight decay on matrices only: norm scales are left alone."""
+  """Weight decay on matrices only: norm scales and biases are left alone."""
   def decays(path, _):
-    return not any(getattr(k, "key", None) == "scale" for k in path)
+    return not any(getattr(k, "key", None) in ("scale", "bias") for k in path)
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(t) -> optax.GradientTransformation:
-  return optax.chain(
+def _vision_mask(params):
+  """True for the late-fusion encoder's parameters (models/vision.py: `NMM.vision`)."""
+  def in_vision(path, _):
+    return bool(path) and getattr(path[0], "key", None) == "vision"
+  return jax.tree_util.tree_map_with_path(in_vision, params)
+
+
+def make_optimizer(t, model=None) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping. Late fusion (`model.fusion="late"`): the encoder's updates
+  are scaled by `model.vision.lr_scale`, or zeroed when `model.vision.freeze` (its weight decay
+  too, since it is part of the update)."""
+  parts = [
       optax.clip_by_global_norm(t.clip_norm),
       optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
                   mask=_decay_mask),
-  )
+  ]
+  if model is not None and model.fusion == "late":
+    scale = 0.0 if model.vision.freeze else float(model.vision.lr_scale)
+    if scale != 1.0:
+      parts.append(optax.masked(optax.scale(scale), _vision_mask))
+  return optax.chain(*parts)
