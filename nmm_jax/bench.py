@@ -32,6 +32,26 @@ def text_batch(config, seed: int = 0):
           "source": np.zeros((b, l), np.int32)}
 
 
+def image_text_batch(config, images_per_row: int, seed: int = 0):
+  """A full batch with `images_per_row` images at the start of each row's one document
+  (<image_start>, one position per patch, <image_end> each), then text; text positions scored."""
+  batch = text_batch(config, seed)
+  b, l = batch["tokens"].shape
+  patches = config.model.vision.num_patches  # (image side / patch_size)^2, both fusions
+  side = int(round(patches ** 0.5)) * config.model.patch_size
+  span = patches + 2
+  if images_per_row * span >= l:
+    raise ValueError(f"{images_per_row} images of {patches} patches do not fit data.seq_len={l}")
+  for i in range(images_per_row):
+    start = i * span + 1  # after <image_start>
+    batch["image_ids"][:, start:start + patches] = i
+    batch["patch_ids"][:, start:start + patches] = np.arange(patches)
+    batch["loss_mask"][:, i * span:(i + 1) * span] = 0.0
+  rng = np.random.default_rng(seed + 1)
+  batch["images"] = rng.integers(0, 256, size=(b, images_per_row, side, side, 3), dtype=np.uint8)
+  return batch
+
+
 def peak_memory_bytes():
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
@@ -61,7 +81,8 @@ def benchmark(config) -> dict:
   graphdef, abstract = state_lib.abstract_model_state(config.model)
   state_sh = state_lib.state_shardings(abstract, tx, config.sharding_rules, mesh)
   state = state_lib.create_state(config.model, tx, config.train.seed, state_sh)
-  batch_np = text_batch(config)
+  images_per_row = config.bench.get("images_per_row", 0)
+  batch_np = (image_text_batch(config, images_per_row) if images_per_row else text_batch(config))
   batch_sh = sharding.batch_shardings({k: v.ndim for k, v in batch_np.items()}, mesh,
                                      config.sharding_rules)
   batch = {k: jax.device_put(v, batch_sh[k]) for k, v in batch_np.items()}
@@ -84,14 +105,15 @@ def benchmark(config) -> dict:
     times.append(time.perf_counter() - start)
 
   step_s = float(np.median(times))
-  step_flops = flops.train_flops_per_sequence(config.model, config.data.seq_len) \
-      * config.train.batch_size
+  step_flops = flops.train_flops_per_sequence(config.model, config.data.seq_len,
+                                              images_per_row) * config.train.batch_size
   model_tflops = step_flops / step_s / 1e12
   peak = peaks[config.model.dtype] * len(devices)
   memory, memory_kind = peak_memory_bytes()
   result = {
       "device": device.device_kind, "platform": device.platform, "num_devices": len(devices),
       "dtype": config.model.dtype, "params": flops.param_counts(config.model)["total"],
+      "fusion": config.model.fusion, "images_per_row": images_per_row,
       "compile_s": round(compile_s, 2), "step_time_s": step_s,
       "tokens_per_s": config.train.batch_size * config.data.seq_len / step_s,
       "model_tflops_per_s": model_tflops,

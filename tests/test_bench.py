@@ -8,19 +8,34 @@ import sys
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
-def test_bench_prints_figures_as_json():
+SMALL = ["--config.model.vocab_size=512", "--config.model.d_model=64",
+         "--config.model.num_layers=2", "--config.model.num_heads=4",
+         "--config.model.num_kv_heads=2", "--config.model.head_dim=16",
+         "--config.model.mlp_dim=128", "--config.data.seq_len=128",
+         "--config.bench.matmul_size=256", "--config.bench.timed_steps=2"]
+
+
+def run_bench(*args) -> dict:
   env = dict(os.environ, XLA_FLAGS="")  # one real CPU device, as a user runs it
-  result = subprocess.run(
-      [sys.executable, "-m", "nmm_jax.bench", "--config=configs/bench.py",
-       "--config.model.vocab_size=512", "--config.model.d_model=64", "--config.model.num_layers=2",
-       "--config.model.num_heads=4", "--config.model.num_kv_heads=2", "--config.model.head_dim=16",
-       "--config.model.mlp_dim=128", "--config.data.seq_len=128", "--config.bench.matmul_size=256",
-       "--config.bench.timed_steps=2"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  result = subprocess.run([sys.executable, "-m", "nmm_jax.bench", "--config=configs/bench.py",
+                           *SMALL, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  figures = json.loads(result.stdout.strip().splitlines()[-1])
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_bench_prints_figures_as_json():
+  figures = run_bench()
   for key in ("step_time_s", "tokens_per_s", "model_tflops_per_s", "mfu",
               "matmul_peak_tflops_f32", "matmul_peak_tflops_bf16", "peak_memory_bytes"):
     assert figures[key] > 0, key
   assert figures["num_devices"] == 1
   assert abs(figures["tokens_per_s"] * figures["step_time_s"] - 8 * 128) < 1e-3
+
+
+def test_bench_with_images_and_late_fusion():
+  figures = run_bench("--config.bench.images_per_row=1", "--config.model.fusion=late",
+                      "--config.model.vision.d_model=32", "--config.model.vision.mlp_dim=64",
+                      "--config.model.vision.num_heads=2")
+  assert figures["fusion"] == "late" and figures["images_per_row"] == 1
+  assert figures["step_time_s"] > 0 and 0 < figures["mfu"] < 1
