@@ -87,7 +87,8 @@ def benchmark(config) -> dict:
                                      config.sharding_rules)
   batch = {k: jax.device_put(v, batch_sh[k]) for k, v in batch_np.items()}
   schedule = optimizer.learning_rate_schedule(config.train)
-  step = jax.jit(make_train_step(graphdef, tx, schedule, 1, config.train.loss_chunk),
+  step = jax.jit(make_train_step(graphdef, tx, schedule, 1, config.train.loss_chunk,
+                                 config.model.moe),
                  in_shardings=(state_sh, batch_sh),
                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
 

@@ -55,7 +55,13 @@ def base_config() -> ml_collections.ConfigDict:
       param_dtype="float32",
       remat="none",           # one of REMATS
       scan_unroll=1,          # layers per scan iteration; >= num_layers: no loop (faster, longer compile)
-      moe=dict(num_experts=0, top_k=1),
+      # Mixture of experts (models/moe.py): num_experts > 0 makes every decoder MLP an MoE.
+      moe=dict(num_experts=0, top_k=1,
+               routing="learned",          # or "modality": image experts / text experts
+               capacity_factor=0.0,        # 0: dropless (grouped matmul); > 0: capacity path
+               load_balance_weight=0.01,   # Switch load-balancing loss
+               z_loss_weight=0.001,        # router z-loss
+               every=1),                   # an MoE MLP every N layers (only 1 is built yet)
       # Late fusion (fusion="late"): a ViT trained from scratch + a 2-layer GELU connector.
       vision=dict(d_model=64, num_layers=4, num_heads=4, mlp_dim=256,
                   num_patches=16,      # (data.image_size / patch_size)^2
@@ -121,6 +127,26 @@ def _positive_int(c, key):
     value = value[part]
   _require(isinstance(value, int) and value > 0, key, f"must be a positive integer, got {value!r}")
   return value
+
+
+def _validate_moe(c):
+  moe = c.model.moe
+  _require(isinstance(moe.num_experts, int) and moe.num_experts >= 0, "model.moe.num_experts",
+           f"must be a non-negative integer (0: dense), got {moe.num_experts!r}")
+  if not moe.num_experts:
+    return
+  _require(isinstance(moe.top_k, int) and 1 <= moe.top_k <= moe.num_experts, "model.moe.top_k",
+           f"must be in [1, num_experts={moe.num_experts}], got {moe.top_k!r}")
+  _require(moe.routing in ("learned", "modality"), "model.moe.routing",
+           f"must be 'learned' or 'modality', got {moe.routing!r}")
+  if moe.routing == "modality":
+    _require(moe.num_experts % 2 == 0 and moe.top_k <= moe.num_experts // 2, "model.moe.routing",
+             f"'modality' splits the experts in two halves: needs an even num_experts and "
+             f"top_k <= num_experts / 2, got {moe.num_experts} and {moe.top_k}")
+  for key in ("capacity_factor", "load_balance_weight", "z_loss_weight"):
+    _require(moe[key] >= 0, f"model.moe.{key}", f"must be >= 0, got {moe[key]}")
+  _require(moe.every == 1, "model.moe.every",
+           f"interleaving MoE with dense layers is not built yet; use 1, got {moe.every}")
 
 
 def _validate_late_fusion(c):
@@ -198,8 +224,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
   _positive_int(c, "model.scan_unroll")
   if m.fusion == "late":
     _validate_late_fusion(c)
-  _require(m.moe.num_experts == 0, "model.moe.num_experts",
-           "mixture-of-experts layers are not built yet; use 0")
+  _validate_moe(c)
 
   d = c.data
   for key in ("seq_len", "image_size", "max_images", "num_packing_bins"):

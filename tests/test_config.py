@@ -29,7 +29,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
     ({"data.mixture": {"caption": -1.0}}, "config.data.mixture"),
     ({"data.augment.crop_scale": (0.0, 1.0)}, "config.data.augment.crop_scale"),
     ({"data.augment.flip_prob": 1.5}, "config.data.augment.flip_prob"),
-    ({"model.moe.num_experts": 8}, "config.model.moe.num_experts"),
+    ({"model.moe.num_experts": -1}, "config.model.moe.num_experts"),
 ])
 def test_bad_value_names_key(overrides, key):
   with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -141,14 +141,21 @@ class NMM(nnx.Module):
                          block(x, feats, mask_Bx1xLxM, any_BxLx1))
     return before
 
-  def __call__(self, batch):
-    """Final hidden states [B, L, D] (after the final norm)."""
+  def forward(self, batch):
+    """(final hidden states [B, L, D] after the final norm, MoE statistics per layer: {} for
+    dense decoders)."""
     mask_Bx1xLxL = attention_mask(batch["segment_ids"], batch["image_ids"])
     encoder_layers = (self._encoder_layers(batch)
                       if self.fusion == "late" and "images" in batch else None)
-    x_BxLxD = self.decoder(self.embed(batch, encoder_layers), batch["positions"], mask_Bx1xLxL,
-                           self._injections(batch, encoder_layers))
-    return self.final_norm(x_BxLxD)
+    x_BxLxD, moe_stats = self.decoder(
+        self.embed(batch, encoder_layers), batch["positions"], mask_Bx1xLxL,
+        self._injections(batch, encoder_layers), is_image_BxL=batch["image_ids"] >= 0,
+        valid_BxL=batch["segment_ids"] > 0)
+    return self.final_norm(x_BxLxD), moe_stats
+
+  def __call__(self, batch):
+    """Final hidden states [B, L, D] (after the final norm)."""
+    return self.forward(batch)[0]
 
   def logits(self, batch):
     hidden_BxLxD = self(batch)

@@ -10,11 +10,20 @@ image, and 12 * S * I*P * d_model per cross-attention block.
 """
 
 
+def _mlp_params(m) -> tuple:
+  """(all, active per token) parameters of one decoder MLP: an MoE holds num_experts SwiGLUs
+  and a router, a token passes top_k of them."""
+  swiglu = 3 * m.d_model * m.mlp_dim
+  if not m.moe.num_experts:
+    return swiglu, swiglu
+  router = m.d_model * m.moe.num_experts
+  return m.moe.num_experts * swiglu + router, m.moe.top_k * swiglu + router
+
+
 def decoder_layer_params(m) -> int:
   attn = m.d_model * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
-  mlp = 3 * m.d_model * m.mlp_dim
   norms = 2 * m.d_model + (2 * m.head_dim if m.qk_norm else 0)
-  return attn + mlp + norms
+  return attn + _mlp_params(m)[0] + norms
 
 
 def _patch_dim(m) -> int:
@@ -52,12 +61,13 @@ def vision_param_counts(m) -> dict:
 
 def param_counts(m) -> dict:
   """{"total", "matmul", "vision_matmul"}: all parameters; the matmul parameters every sequence
-  token passes (N); those every image patch slot passes (N_v, late fusion)."""
+  token passes (N; for MoE the active ones: top_k experts and the router); those every image
+  patch slot passes (N_v, late fusion)."""
   embed = m.vocab_size * m.d_model
   head = 0 if m.tie_embeddings else m.d_model * m.vocab_size
   layers = m.num_layers * decoder_layer_params(m)
-  matmul = m.num_layers * m.d_model * (m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
-                                       + 3 * m.mlp_dim) + m.d_model * m.vocab_size
+  matmul = m.num_layers * (m.d_model * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
+                           + _mlp_params(m)[1]) + m.d_model * m.vocab_size
   total = embed + head + layers + m.d_model
   if m.fusion == "early":
     patch = _patch_dim(m) * m.d_model

@@ -22,7 +22,7 @@ from nmm_jax.scaling import flops
 from nmm_jax.train import optimizer as optimizer_lib
 from nmm_jax.train import state as state_lib
 from nmm_jax.train.loss import losses_from_sums
-from nmm_jax.train.metrics import MetricsWriter
+from nmm_jax.train.metrics import MetricsWriter, router_metrics
 from nmm_jax.train.step import make_eval_step, make_train_step
 
 
@@ -133,7 +133,7 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
 
   batch_sh = sharding.batch_shardings(BATCH_NDIMS, mesh, rules)
   train_step = jax.jit(make_train_step(graphdef, tx, schedule, len(source_names),
-                                       config.train.loss_chunk),
+                                       config.train.loss_chunk, config.model.moe),
                        in_shardings=(state_sh, batch_sh),
                        out_shardings=(state_sh, sharding.replicated(mesh)),
                        donate_argnums=(0,))
@@ -184,6 +184,8 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
                       **{"data/packing_efficiency": 1.0 - window_padding / window_steps,
                          "data/wait_fraction": window_wait / window_time},
                       **{f"data/skipped/{k}": v for k, v in sorted(skipped.items())})
+        if "moe" in metrics:
+          record.update(router_metrics(metrics["moe"]))
         if eval_now:
           record.update(evaluate(eval_step, state["params"], config, directory, batch_sh,
                                  source_names))

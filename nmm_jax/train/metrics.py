@@ -3,6 +3,7 @@ import json
 import os
 
 import jax
+import numpy as np
 
 
 class MetricsWriter:
@@ -39,3 +40,20 @@ class MetricsWriter:
   def close(self):
     if self.enabled:
       self.tb.close()
+
+
+def router_metrics(stats) -> dict:
+  """MoE router statistics of one step (numpy, per layer on the leading axis) -> flat metrics:
+  aux losses, dropped assignments, load imbalance (max / mean assignments per expert, averaged
+  over layers), and per layer the share of image and of text tokens each expert receives."""
+  image, text = np.asarray(stats["image_per_expert"]), np.asarray(stats["text_per_expert"])
+  total = image + text
+  out = {"moe/load_balance": float(np.mean(stats["load_balance"])),
+         "moe/z_loss": float(np.mean(stats["z_loss"])),
+         "moe/dropped": float(np.sum(stats["dropped"])),
+         "moe/imbalance": float(np.mean(total.max(-1) / np.maximum(total.mean(-1), 1e-9)))}
+  for layer in range(total.shape[0]):
+    for name, counts in (("image", image[layer]), ("text", text[layer])):
+      shares = counts / max(counts.sum(), 1e-9)
+      out.update({f"moe/layer{layer}/{name}_share/e{e}": float(v) for e, v in enumerate(shares)})
+  return out

@@ -7,21 +7,35 @@ from flax import nnx
 from nmm_jax.train.loss import loss_sums, token_nll, weighted_nll
 
 
-def make_train_step(graphdef, tx, schedule, num_sources, loss_chunk):
+def moe_aux_loss(stats, moe):
+  """The weighted MoE auxiliary losses, averaged over layers (0 for dense models)."""
+  if not stats:
+    return 0.0
+  return (moe.load_balance_weight * jnp.mean(stats["load_balance"])
+          + moe.z_loss_weight * jnp.mean(stats["z_loss"]))
+
+
+def make_train_step(graphdef, tx, schedule, num_sources, loss_chunk, moe=None):
+  """`moe`: model.moe, for the weights of the auxiliary losses."""
   def train_step(state, batch):
     count = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params)
-      loss, nll_BxL = weighted_nll(model(batch), model.head_weight_DxV(), batch["targets"],
+      hidden_BxLxD, moe_stats = model.forward(batch)
+      loss, nll_BxL = weighted_nll(hidden_BxLxD, model.head_weight_DxV(), batch["targets"],
                                    batch["loss_mask"] / count, loss_chunk)
-      return loss, nll_BxL
+      aux = moe_aux_loss(moe_stats, moe) if moe is not None else 0.0
+      return loss + aux, (loss, nll_BxL, moe_stats)
 
-    (loss, nll_BxL), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    (_, (loss, nll_BxL, moe_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                "sums": loss_sums(nll_BxL, batch, num_sources)}
+    if moe_stats:
+      metrics["moe"] = moe_stats
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
   return train_step
 
