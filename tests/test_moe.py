@@ -1,6 +1,8 @@
 """Mixture of experts: the dropless grouped-matmul layer against per-token references, the
 capacity path's drops, routing modes, aux losses, accounting, and training (sharded too)."""
 import math
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -131,3 +133,13 @@ def test_moe_trains_and_expert_sharding_keeps_the_loss(shapes_data_dir, tmp_path
     assert "moe/layer1/image_share/e7" in records[-1]
   assert losses[1][-1] < losses[1][0] - 1.0
   np.testing.assert_allclose(losses[4], losses[1], rtol=1e-4)
+
+  # The specialisation plot from the run's metrics.
+  from nmm_jax.train import router_plot
+  fraction = router_plot.image_fraction([records[-1]])
+  assert fraction.shape == (2, 8) and np.all((0 <= fraction) & (fraction <= 1))
+  out = subprocess.run([sys.executable, "-m", "nmm_jax.train.router_plot",
+                        f"--workdir={tmp_path / 'e4'}", f"--out={tmp_path / 'router.png'}"],
+                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert (tmp_path / "router.png").stat().st_size > 10_000

@@ -51,7 +51,10 @@ def router_metrics(stats) -> dict:
   out = {"moe/load_balance": float(np.mean(stats["load_balance"])),
          "moe/z_loss": float(np.mean(stats["z_loss"])),
          "moe/dropped": float(np.sum(stats["dropped"])),
-         "moe/imbalance": float(np.mean(total.max(-1) / np.maximum(total.mean(-1), 1e-9)))}
+         "moe/imbalance": float(np.mean(total.max(-1) / np.maximum(total.mean(-1), 1e-9))),
+         # Assignments of image / text tokens per layer (top_k per token): the shares' totals.
+         "moe/image_assignments": float(image[0].sum()),
+         "moe/text_assignments": float(text[0].sum())}
   for layer in range(total.shape[0]):
     for name, counts in (("image", image[layer]), ("text", text[layer])):
       shares = counts / max(counts.sum(), 1e-9)
