@@ -1,5 +1,6 @@
-"""Helpers shared by the importers: image bytes -> `ImageSegment`, text checks."""
+"""Helpers shared by the importers: image bytes -> `ImageSegment`, JSON objects, text checks."""
 import io
+import json
 import os
 
 from PIL import Image, UnidentifiedImageError
@@ -59,3 +60,14 @@ def clean_text(text, where: str) -> str:
   if not text:
     raise BadItem("empty", f"{where}: empty text")
   return text
+
+
+def parse_json_object(where: str, text: str) -> dict:
+  """The JSON object in `text`; anything else (bad JSON, a list, a number) is BadItem."""
+  try:
+    row = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise BadItem("unparsable", f"{where}: {e}") from e
+  if not isinstance(row, dict):
+    raise BadItem("unparsable", f"{where}: expected a JSON object, got {type(row).__name__}")
+  return row

@@ -1,9 +1,9 @@
 """Local files: a folder of images + captions JSONL, and interleaved-document JSONL."""
-import json
 import os
 
 from nmm_jax.data.importers import BadItem
-from nmm_jax.data.importers.common import clean_text, read_image_file, resolve
+from nmm_jax.data.importers.common import (clean_text, parse_json_object, read_image_file,
+                                           resolve)
 
 
 def _jsonl_lines(path: str) -> list:
@@ -12,16 +12,6 @@ def _jsonl_lines(path: str) -> list:
     raise FileNotFoundError(f"JSONL file {path} does not exist")
   with open(path, encoding="utf-8") as f:
     return [(f"{path}:{n}", line) for n, line in enumerate(f, 1) if line.strip()]
-
-
-def _parse(where: str, line: str) -> dict:
-  try:
-    row = json.loads(line)
-  except json.JSONDecodeError as e:
-    raise BadItem("unparsable", f"{where}: {e}") from e
-  if not isinstance(row, dict):
-    raise BadItem("unparsable", f"{where}: expected a JSON object, got {type(row).__name__}")
-  return row
 
 
 class CaptionsImporter:
@@ -43,7 +33,7 @@ class CaptionsImporter:
 
   def convert(self, item):
     where, line = item
-    row = _parse(where, line)
+    row = parse_json_object(where, line)
     for key in (self.image_key, self.text_key):
       if key not in row:
         raise BadItem("unparsable", f"{where}: no key {key!r} (keys: {sorted(row)})")
@@ -93,7 +83,7 @@ class InterleavedImporter:
 
   def convert(self, item):
     where, line = item
-    row = _parse(where, line)
+    row = parse_json_object(where, line)
     segments = []
     for kind, value in self._segment_specs(row, where):
       if kind == "image":

@@ -6,12 +6,11 @@ item remembers where its members' bytes are, and a worker reads just those. Comp
 (`.tar.gz`) cannot be read at an offset, so their bytes are kept in the item instead.
 """
 import glob
-import json
 import os
 import tarfile
 
 from nmm_jax.data.importers import BadItem
-from nmm_jax.data.importers.common import clean_text, image_segment
+from nmm_jax.data.importers.common import clean_text, image_segment, parse_json_object
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 TEXT_EXTENSIONS = ("txt", "json")
@@ -78,12 +77,7 @@ class WebDatasetImporter:
     raw_text = self._read(path, members[text_ext]).decode("utf-8", errors="replace")
     meta = {"key": key}
     if text_ext == "json":
-      try:
-        row = json.loads(raw_text)
-      except json.JSONDecodeError as e:
-        raise BadItem("unparsable", f"{where}.json: {e}") from e
-      if not isinstance(row, dict):
-        raise BadItem("unparsable", f"{where}.json: expected an object")
+      row = parse_json_object(f"{where}.json", raw_text)
       caption_key = self.text_key if self.text_key in row else "text"
       raw_text = row.get(caption_key)
       meta.update({k: v for k, v in row.items() if k != caption_key})
