@@ -25,10 +25,10 @@ from nmm_jax.data.features import TOKEN_KEYS, SkipDocument, document_pieces
 from nmm_jax.data.records import decode_document
 from nmm_jax.data.stages import (RecordError, ShardedRecords, Skip, SkipCounter, SkipTally,
                                  Unpack, attach_skip_counts, set_worker_index)
-from nmm_jax.data.tokenizer import Tokenizer, load_tokenizer as _load_tokenizer
+from nmm_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, tokenizer_in
+from nmm_jax.data.tokenizer import load_tokenizer as _load_tokenizer
 
 _PAD_VALUES = {"image_ids": -1, "patch_ids": -1, "source": -1}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 def data_dir(config, workdir: str) -> str:
@@ -48,9 +48,9 @@ def tokenizer_path(config, directory: str) -> str:
   """data.tokenizer, or the tokenizer file beside the shards."""
   if config.data.tokenizer:
     return config.data.tokenizer
-  for name in TOKENIZER_FILES:
-    if os.path.isfile(os.path.join(directory, name)):
-      return os.path.join(directory, name)
+  found = tokenizer_in(directory)
+  if found:
+    return found
   raise FileNotFoundError(f"no tokenizer: set config.data.tokenizer or put one of "
                           f"{TOKENIZER_FILES} in {directory}")
 

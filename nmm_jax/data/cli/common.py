@@ -6,8 +6,7 @@ import numpy as np
 
 from nmm_jax.data.records import decode_document
 from nmm_jax.data.stages import RecordError, ShardedRecords
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+from nmm_jax.data.tokenizer import tokenizer_in
 
 
 def expand_shards(paths: list, split: str = "") -> list:
@@ -36,9 +35,9 @@ def find_tokenizer(shard_paths: list) -> str:
   it beside the source folders); '' if none."""
   folder = os.path.dirname(os.path.abspath(shard_paths[0]))
   while True:
-    for name in TOKENIZER_FILES:
-      if os.path.isfile(os.path.join(folder, name)):
-        return os.path.join(folder, name)
+    found = tokenizer_in(folder)
+    if found:
+      return found
     parent = os.path.dirname(folder)
     if parent == folder:
       return ""
