@@ -129,6 +129,19 @@ def _positive_int(c, key):
   return value
 
 
+def vision_layer_plan(cfg):
+  """Late fusion, from the model config: (encoder layers feeding the connector,
+  [(encoder layer, decoder layer)] injected inside), encoder layer indices made non-negative.
+  The model builds from it and scaling/flops.py counts from it."""
+  depth = cfg.vision.num_layers
+  layers = [j % depth for j in cfg.vision_layers]
+  if cfg.vision_fusion == "none":
+    return (depth - 1,), []
+  if cfg.vision_fusion == "input_concat":
+    return tuple(layers), []
+  return (layers[-1],), list(zip(layers[:-1], cfg.fusion_decoder_layers))
+
+
 def _validate_moe(c):
   moe = c.model.moe
   _require(isinstance(moe.num_experts, int) and moe.num_experts >= 0, "model.moe.num_experts",

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nmm_jax.config import vision_layer_plan
 from nmm_jax.models.attention import attention_mask
 from nmm_jax.models.decoder import Decoder
 from nmm_jax.models.layers import RMSNorm, fan_in_init, make_param
@@ -31,18 +32,6 @@ def patchify(images_BxIxHxWxC, patch_size: int):
   x = images_BxIxHxWxC.reshape(b, i, h // p, p, w // p, p, c)
   x = x.transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, i, (h // p) * (w // p), p * p * c)
   return x.astype(jnp.float32) / 127.5 - 1.0
-
-
-def vision_layer_plan(cfg):
-  """(encoder layers feeding the connector, [(encoder layer, decoder layer)] injected inside),
-  encoder layer indices made non-negative."""
-  depth = cfg.vision.num_layers
-  layers = [j % depth for j in cfg.vision_layers]
-  if cfg.vision_fusion == "none":
-    return (depth - 1,), []
-  if cfg.vision_fusion == "input_concat":
-    return tuple(layers), []
-  return (layers[-1],), list(zip(layers[:-1], cfg.fusion_decoder_layers))
 
 
 class NMM(nnx.Module):

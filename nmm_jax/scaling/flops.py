@@ -8,6 +8,7 @@ slot of a row, empty ones too). Attention adds 6 * layers * S^2 * (heads * head_
 sequence (causal: half of full cost, MaxText's count), 12 * P^2 * width per encoder layer and
 image, and 12 * S * I*P * d_model per cross-attention block.
 """
+from nmm_jax.config import vision_layer_plan
 
 
 def _mlp_params(m) -> tuple:
@@ -30,15 +31,6 @@ def _patch_dim(m) -> int:
   return m.patch_size * m.patch_size * m.num_channels
 
 
-def _fusion_shape(m) -> tuple:
-  """(encoder layers into the connector, number of injected fusion blocks)."""
-  if m.vision_fusion == "none":
-    return 1, 0
-  if m.vision_fusion == "input_concat":
-    return len(m.vision_layers), 0
-  return 1, len(m.vision_layers) - 1
-
-
 def vision_param_counts(m) -> dict:
   """Late fusion's encoder + connector + fusion blocks: {"total", "matmul" (per patch),
   "decoder_matmul" (per sequence token: the cross-attention queries and outputs)}."""
@@ -46,7 +38,8 @@ def vision_param_counts(m) -> dict:
   w, f, j = v.d_model, v.mlp_dim, v.num_layers
   encoder_matmul = _patch_dim(m) * w + j * (4 * w * w + 2 * w * f)
   encoder_total = encoder_matmul + v.num_patches * w + 2 * w + j * 4 * w
-  inputs, blocks = _fusion_shape(m)
+  input_layers, injected = vision_layer_plan(m)
+  inputs, blocks = len(input_layers), len(injected)
   connector = inputs * w * d + d * d
   matmul, total, decoder_matmul = encoder_matmul + connector, encoder_total + connector, 0
   if m.vision_fusion == "internal_add":
@@ -87,7 +80,7 @@ def train_flops_per_sequence(m, seq_len: int, images_per_row: int = 0) -> float:
     p = m.vision.num_patches
     flops += 6.0 * counts["vision_matmul"] * images_per_row * p
     flops += 12.0 * m.vision.num_layers * p ** 2 * m.vision.d_model * images_per_row
-    _, blocks = _fusion_shape(m)
     if m.vision_fusion == "internal_xattn":
+      blocks = len(vision_layer_plan(m)[1])
       flops += 12.0 * blocks * seq_len * images_per_row * p * m.d_model
   return flops
