@@ -33,6 +33,15 @@ def tiny_config(**overrides):
   return config
 
 
+def model_param_count(model_cfg) -> int:
+  """Parameters of the real model built from `model_cfg` (shapes only, nothing allocated)."""
+  import numpy as np
+  from flax import nnx
+  from nmm_jax.models import NMM
+  abstract = nnx.eval_shape(lambda: NMM(model_cfg, rngs=nnx.Rngs(0)))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract)))
+
+
 def assert_resumes_exactly(make_dataset, run_lengths=(2, 3, 4)):
   """Stops and restarts an iterator of `make_dataset()` after each run length: every batch is
   byte-identical to an uninterrupted iterator's, skip counts included."""
