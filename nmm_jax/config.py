@@ -55,13 +55,13 @@ def base_config() -> ml_collections.ConfigDict:
       param_dtype="float32",
       remat="none",           # one of REMATS
       scan_unroll=1,          # layers per scan iteration; >= num_layers: no loop (faster, longer compile)
-      # Mixture of experts (models/moe.py): num_experts > 0 makes every decoder MLP an MoE.
+      # Mixture of experts (models/moe.py): num_experts > 0 makes decoder MLPs MoEs.
       moe=dict(num_experts=0, top_k=1,
                routing="learned",          # or "modality": image experts / text experts
                capacity_factor=0.0,        # 0: dropless (grouped matmul); > 0: capacity path
                load_balance_weight=0.01,   # Switch load-balancing loss
                z_loss_weight=0.001,        # router z-loss
-               every=1),                   # an MoE MLP every N layers (only 1 is built yet)
+               every=1),                   # MoE MLP in layers N-1, 2N-1, ...; dense elsewhere
       # Late fusion (fusion="late"): a ViT trained from scratch + a 2-layer GELU connector.
       vision=dict(d_model=64, num_layers=4, num_heads=4, mlp_dim=256,
                   num_patches=16,      # (data.image_size / patch_size)^2
@@ -158,8 +158,15 @@ def _validate_moe(c):
              f"top_k <= num_experts / 2, got {moe.num_experts} and {moe.top_k}")
   for key in ("capacity_factor", "load_balance_weight", "z_loss_weight"):
     _require(moe[key] >= 0, f"model.moe.{key}", f"must be >= 0, got {moe[key]}")
-  _require(moe.every == 1, "model.moe.every",
-           f"interleaving MoE with dense layers is not built yet; use 1, got {moe.every}")
+  _require(isinstance(moe.every, int) and moe.every >= 1 and c.model.num_layers % moe.every == 0,
+           "model.moe.every", f"must be a positive integer dividing model.num_layers="
+           f"{c.model.num_layers} (layers every-1, 2*every-1, ... are MoE), got {moe.every!r}")
+  if c.model.fusion == "late" and c.model.vision_fusion in ("internal_add", "internal_xattn"):
+    targets = tuple(c.model.fusion_decoder_layers)
+    _require(all(isinstance(t, int) and t % moe.every == 0 for t in targets),
+             "model.fusion_decoder_layers",
+             f"with model.moe.every={moe.every} the fusion points must be multiples of it (the "
+             f"decoder scans groups of {moe.every} layers), got {targets}")
 
 
 def _validate_late_fusion(c):

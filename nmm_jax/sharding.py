@@ -57,5 +57,15 @@ def batch_shardings(ndims: dict, mesh: Mesh, rules) -> dict:
   return {key: batch_sharding(mesh, rules, ndim) for key, ndim in ndims.items()}
 
 
+def traced_under(mesh: Mesh, jitted):
+  """`jitted`, called with `mesh` as the context mesh, which is what the MoE layers' shard_map
+  runs over. Only around the step: nnx.eval_shape under a context mesh would read the params'
+  logical axis names as mesh axes."""
+  def call(*args):
+    with jax.set_mesh(mesh):
+      return jitted(*args)
+  return call
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())

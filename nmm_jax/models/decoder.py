@@ -19,15 +19,15 @@ REMAT_POLICIES = {
 
 
 class DecoderBlock(nnx.Module):
-  def __init__(self, cfg, *, rngs: nnx.Rngs):
+  def __init__(self, cfg, *, moe: bool, rngs: nnx.Rngs):
     dtype = jnp.dtype(cfg.param_dtype)
     self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, axis_name="embed", param_dtype=dtype,
                              rngs=rngs)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, axis_name="embed", param_dtype=dtype,
                             rngs=rngs)
-    self.moe = cfg.moe.num_experts > 0
-    if self.moe:
+    self.moe = moe
+    if moe:
       self.mlp = MoEMLP(cfg.d_model, cfg.mlp_dim, cfg.moe, param_dtype=dtype, rngs=rngs)
     else:
       self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, param_dtype=dtype, rngs=rngs)
@@ -41,30 +41,64 @@ class DecoderBlock(nnx.Module):
     return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD)), {}
 
 
+class InterleavedGroup(nnx.Module):
+  """`moe.every` layers: every - 1 dense blocks (stacked), then one MoE block. The decoder
+  stacks these groups, so the scan body stays one shape when MoE and dense layers alternate."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.dense = _stacked_blocks(cfg, cfg.moe.every - 1, moe=False, rngs=rngs)
+    self.moe_block = DecoderBlock(cfg, moe=True, rngs=rngs)
+
+  def __call__(self, x_BxLxD, rope, mask_Bx1xLxL, is_image_BxL, valid_BxL):
+    def apply_dense(x_BxLxD, block):
+      return block(x_BxLxD, rope, mask_Bx1xLxL, is_image_BxL, valid_BxL)[0]
+
+    scan = nnx.scan(apply_dense, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+                    unroll=True, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    x_BxLxD = scan(x_BxLxD, self.dense)
+    return self.moe_block(x_BxLxD, rope, mask_Bx1xLxL, is_image_BxL, valid_BxL)
+
+
+def _stacked_blocks(cfg, count: int, *, moe: bool, rngs: nnx.Rngs):
+  """`count` blocks' parameters along a leading "layers" axis."""
+  @nnx.split_rngs(splits=count)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make(rngs):
+    return DecoderBlock(cfg, moe=moe, rngs=rngs)
+  return make(rngs)
+
+
 class Decoder(nnx.Module):
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.remat = cfg.remat
     self.num_layers = cfg.num_layers
-    self.scan_unroll = min(cfg.scan_unroll, cfg.num_layers)
     self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
+    # The scan unit: one layer, or with MoE every N > 1 layers a group of N (InterleavedGroup).
+    moe = cfg.moe.num_experts > 0
+    self.unit = cfg.moe.every if moe else 1
+    self.num_units = cfg.num_layers // self.unit
+    self.scan_unroll = min(cfg.scan_unroll, self.num_units)
 
-    # One block's parameters per layer along a leading "layers" axis, so the forward pass is a
+    # One unit's parameters per unit along a leading "layers" axis, so the forward pass is a
     # scan whose compile time does not grow with depth.
-    @nnx.split_rngs(splits=cfg.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make_blocks(rngs):
-      return DecoderBlock(cfg, rngs=rngs)
-
-    self.blocks = make_blocks(rngs)
+    if self.unit == 1:
+      self.blocks = _stacked_blocks(cfg, cfg.num_layers, moe=moe, rngs=rngs)
+    else:
+      @nnx.split_rngs(splits=self.num_units)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def make_groups(rngs):
+        return InterleavedGroup(cfg, rngs=rngs)
+      self.blocks = make_groups(rngs)
 
   def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL, before_layer=None, is_image_BxL=None,
                valid_BxL=None):
-    """(x, per-layer MoE statistics stacked on a leading layer axis; {} when dense).
+    """(x, per-MoE-layer statistics stacked on a leading axis; {} when dense).
 
     `before_layer`: {decoder layer index: fn(x_BxLxD) -> x_BxLxD} applied to the residual
-    stream just before that layer (late fusion's internal modes); the layers between two such
-    points run as one scan over their slice of the stacked parameters. `is_image_BxL` and
-    `valid_BxL` (real, non-padding tokens) feed the MoE routers and their statistics."""
+    stream just before that layer (late fusion's internal modes; with MoE every N, a multiple
+    of N); the units between two such points run as one scan over their slice of the stacked
+    parameters. `is_image_BxL` and `valid_BxL` (real, non-padding tokens) feed the MoE routers
+    and their statistics."""
     rope = rope_tables(positions_BxL, self.head_dim, self.rope_theta)
     if is_image_BxL is None:
       is_image_BxL = jnp.zeros(positions_BxL.shape, bool)
@@ -88,13 +122,14 @@ class Decoder(nnx.Module):
       return scan(x_BxLxD, blocks)
 
     if not before_layer:
-      return run(x_BxLxD, self.blocks, self.num_layers)
+      return run(x_BxLxD, self.blocks, self.num_units)
+    before_unit = {layer // self.unit: fn for layer, fn in before_layer.items()}
     graphdef, stacked = nnx.split(self.blocks)
-    bounds = sorted(set(before_layer) | {0, self.num_layers})
+    bounds = sorted(set(before_unit) | {0, self.num_units})
     stats = []
     for start, stop in zip(bounds[:-1], bounds[1:]):
-      if start in before_layer:
-        x_BxLxD = before_layer[start](x_BxLxD)
+      if start in before_unit:
+        x_BxLxD = before_unit[start](x_BxLxD)
       segment = nnx.merge(graphdef, jax.tree.map(lambda a: a[start:stop], stacked))
       x_BxLxD, segment_stats = run(x_BxLxD, segment, stop - start)
       stats.append(segment_stats)

@@ -11,20 +11,25 @@ image, and 12 * S * I*P * d_model per cross-attention block.
 from nmm_jax.config import vision_layer_plan
 
 
-def _mlp_params(m) -> tuple:
-  """(all, active per token) parameters of one decoder MLP: an MoE holds num_experts SwiGLUs
-  and a router, a token passes top_k of them."""
+def _decoder_mlp_params(m) -> tuple:
+  """(all, active per token) parameters of the decoder's MLPs: an MoE holds num_experts
+  SwiGLUs and a router, a token passes top_k of them; with moe.every = N one layer in N is MoE,
+  the others dense."""
   swiglu = 3 * m.d_model * m.mlp_dim
   if not m.moe.num_experts:
-    return swiglu, swiglu
+    return m.num_layers * swiglu, m.num_layers * swiglu
   router = m.d_model * m.moe.num_experts
-  return m.moe.num_experts * swiglu + router, m.moe.top_k * swiglu + router
+  moe_layers = m.num_layers // m.moe.every
+  dense = (m.num_layers - moe_layers) * swiglu
+  return (dense + moe_layers * (m.moe.num_experts * swiglu + router),
+          dense + moe_layers * (m.moe.top_k * swiglu + router))
 
 
-def decoder_layer_params(m) -> int:
+def decoder_params(m) -> int:
+  """All parameters of the decoder's blocks."""
   attn = m.d_model * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
   norms = 2 * m.d_model + (2 * m.head_dim if m.qk_norm else 0)
-  return attn + _mlp_params(m)[0] + norms
+  return m.num_layers * (attn + norms) + _decoder_mlp_params(m)[0]
 
 
 def _patch_dim(m) -> int:
@@ -58,9 +63,9 @@ def param_counts(m) -> dict:
   patch slot passes (N_v, late fusion)."""
   embed = m.vocab_size * m.d_model
   head = 0 if m.tie_embeddings else m.d_model * m.vocab_size
-  layers = m.num_layers * decoder_layer_params(m)
-  matmul = m.num_layers * (m.d_model * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
-                           + _mlp_params(m)[1]) + m.d_model * m.vocab_size
+  layers = decoder_params(m)
+  matmul = (m.num_layers * m.d_model * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
+            + _decoder_mlp_params(m)[1] + m.d_model * m.vocab_size)
   total = embed + head + layers + m.d_model
   if m.fusion == "early":
     patch = _patch_dim(m) * m.d_model

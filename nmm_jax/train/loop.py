@@ -132,14 +132,14 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
     logging.warning("Resumed from the checkpoint at step %d in %s", start_step, workdir)
 
   batch_sh = sharding.batch_shardings(BATCH_NDIMS, mesh, rules)
-  train_step = jax.jit(make_train_step(graphdef, tx, schedule, len(source_names),
+  train_step = sharding.traced_under(mesh, jax.jit(make_train_step(graphdef, tx, schedule, len(source_names),
                                        config.train.loss_chunk, config.model.moe),
                        in_shardings=(state_sh, batch_sh),
                        out_shardings=(state_sh, sharding.replicated(mesh)),
-                       donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(graphdef, len(source_names), config.train.loss_chunk),
-                      in_shardings=(state_sh["params"], batch_sh),
-                      out_shardings=sharding.replicated(mesh))
+                       donate_argnums=(0,)))
+  eval_step = sharding.traced_under(mesh, jax.jit(
+      make_eval_step(graphdef, len(source_names), config.train.loss_chunk),
+      in_shardings=(state_sh["params"], batch_sh), out_shardings=sharding.replicated(mesh)))
 
   seq_flops = flops.train_flops_per_sequence(config.model, config.data.seq_len,
                                                config.data.max_images)
