@@ -300,6 +300,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
                         ("tensor", "vocab_size"), ("fsdp", "d_model")):
     _require(getattr(m, dim_key) % mesh[axis] == 0, f"model.{dim_key}",
              f"{getattr(m, dim_key)} is not divisible by mesh.{axis}={mesh[axis]}")
+  if m.moe.num_experts:
+    _require(m.moe.num_experts % mesh["expert"] == 0, "model.moe.num_experts",
+             f"{m.moe.num_experts} is not divisible by mesh.expert={mesh['expert']} (each "
+             f"device on that axis holds the same number of experts)")
   return mesh
 
 
