@@ -96,6 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
       steps=300,
       batch_size=16,          # global, in sequences
       seed=0,
+      # A Hugging Face Qwen3 / Llama folder (export/hf.py): a fresh run starts its text decoder
+      # (embeddings, blocks, final norm, head) from it, e.g. late fusion from a pretrained LM.
+      init_from_hf="",
       lr=3e-3,
       warmup_steps=30,
       schedule="inverse_sqrt",
@@ -202,6 +205,21 @@ def _validate_late_fusion(c):
              f"is only used by internal_add / internal_xattn, got {targets}")
 
 
+def _validate_init_from_hf(c):
+  from nmm_jax.export import hf  # json only: no transformers needed
+  try:
+    sizes = hf.read_config(c.train.init_from_hf)
+  except (OSError, ValueError) as e:
+    _fail("train.init_from_hf", str(e))
+  differ = {k: (c.model[k], v) for k, v in sizes.items() if c.model[k] != v}
+  _require(not differ, "train.init_from_hf",
+           f"{c.train.init_from_hf} has another decoder shape; set these model keys to the "
+           f"folder's values: " + ", ".join(f"model.{k}={v!r} (config: {ours!r})"
+                                             for k, (ours, v) in differ.items()))
+  _require(not c.model.moe.num_experts, "train.init_from_hf",
+           "an MoE decoder cannot start from a dense Hugging Face model")
+
+
 def resolve_mesh_shape(mesh_cfg, num_devices: int) -> dict:
   """Mesh axis sizes with the one -1 replaced by the devices left over."""
   sizes = {axis: mesh_cfg[axis] for axis in MESH_AXES}
@@ -279,6 +297,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
   _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
   _require(0 <= t.b1 < 1 and 0 <= t.b2 < 1, "train.b1/b2", f"must be in [0, 1), got {t.b1}, {t.b2}")
   _require(t.clip_norm > 0, "train.clip_norm", f"must be positive, got {t.clip_norm}")
+  if t.init_from_hf:
+    _validate_init_from_hf(c)
   _positive_int(c, "eval.every_steps")
   _positive_int(c, "eval.num_batches")
   _positive_int(c, "checkpoint.every_steps")

@@ -125,6 +125,11 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
   if start_step:
     config_lib.check_resumable(checkpointer.saved_config(start_step), config)
   data_iter = iter(pipeline.make_dataset(config, directory, "train", seed=config.train.seed))
+  if not start_step and config.train.init_from_hf:
+    from nmm_jax.export import hf
+    _, decoder = hf.import_folder(config.train.init_from_hf)
+    state = state_lib.set_params(state, decoder, state_sh)
+    logging.warning("Text decoder initialised from %s", config.train.init_from_hf)
   if start_step:
     abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)

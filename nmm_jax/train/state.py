@@ -3,6 +3,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -33,3 +34,28 @@ def create_state(model_cfg, tx, seed: int, shardings):
     _, params = nnx.split(NMM(model_cfg, rngs=nnx.Rngs(seed)))
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
   return init()
+
+
+def flat_variables(params: nnx.State) -> dict:
+  """{"decoder.blocks.attn.w_q_DxHxE": variable, ...}: parameters by their path in the model
+  (the names exports and imports use)."""
+  return {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(params)}
+
+
+def set_params(state, arrays: dict, shardings):
+  """`state` with the parameters named in `arrays` (host arrays) replaced, each placed in its
+  sharding (every process passes the same arrays). Raises ValueError on a name or shape that
+  does not fit."""
+  variables = flat_variables(state["params"])
+  placements = flat_variables(shardings["params"])
+  for name, array in arrays.items():
+    if name not in variables:
+      raise ValueError(f"parameter {name} is not in the model")
+    variable, sharding = variables[name], placements[name].get_value()
+    if tuple(array.shape) != tuple(variable.get_value().shape):
+      raise ValueError(f"parameter {name}: shape {tuple(array.shape)}, the model's is "
+                       f"{tuple(variable.get_value().shape)}")
+    dtype = variable.get_value().dtype
+    variable.set_value(jax.make_array_from_callback(
+        array.shape, sharding, lambda index, a=array: np.asarray(a[index], dtype)))
+  return state

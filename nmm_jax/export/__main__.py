@@ -1,0 +1,89 @@
+r"""nmm-export: a training run's checkpoint as files other frameworks read.
+
+  nmm-export --workdir=DIR [--step=N] --format=safetensors --out=OUT
+  nmm-export --workdir=DIR [--step=N] --format=hf --out=OUT
+
+safetensors: every parameter, named by its path in the model ("decoder.blocks.attn.w_q_DxHxE";
+stacked layers on the leading axis, shape letters in the name as in the model code), in
+OUT/model.safetensors, with OUT/nmm_config.json (model family and sizes, data settings,
+tokenizer file) and the run's tokenizer file.
+
+hf: the text decoder as a Hugging Face Qwen3ForCausalLM (QK-norm on) or LlamaForCausalLM
+folder (config.json, model.safetensors, the tokenizer when the run has a tokenizer.json);
+`transformers.AutoModelForCausalLM.from_pretrained(OUT)` loads it. MoE decoders are refused.
+
+Only the parameters are read from the checkpoint (not the optimizer state), and tensors are
+written one at a time: peak host memory is about one copy of the model.
+"""
+import json
+import os
+import shutil
+import sys
+
+from absl import app, flags, logging
+
+flags.DEFINE_string("workdir", None, "The training run's folder (holds checkpoints/).")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.DEFINE_enum("format", None, ["safetensors", "hf"], "What to write.")
+flags.DEFINE_string("out", None, "Output folder (created; must be empty or absent).")
+flags.mark_flags_as_required(["workdir", "format", "out"])
+FLAGS = flags.FLAGS
+
+
+def export(workdir: str, out: str, fmt: str, step: int | None = None) -> str:
+  """Writes the export; returns the weights file's path."""
+  import nmm_jax
+  from nmm_jax.export import hf, run_checkpoint, safetensors_file
+  if os.path.isdir(out) and os.listdir(out):
+    raise FileExistsError(f"--out={out} is not empty; give a new folder")
+  run = run_checkpoint.open_run(workdir, step)
+  if fmt == "hf":
+    hf.family(run.config.model)  # refuse before reading any weights
+  print(f"reading step {run.step} of {workdir} ...", flush=True)
+  flat = run_checkpoint.flat_params(run.params())
+  os.makedirs(out, exist_ok=True)
+  weights = os.path.join(out, hf.WEIGHTS_FILE)
+  if fmt == "safetensors":
+    tensors = [safetensors_file.Tensor(name, a.shape, a.dtype, lambda a=a: a)
+               for name, a in flat.items()]
+    safetensors_file.write(weights, tensors, {"format": "nmm_jax", "step": run.step},
+                           progress=True)
+    tokenizer = _copy_tokenizer(run.tokenizer_path, out)
+    with open(os.path.join(out, "nmm_config.json"), "w") as f:
+      json.dump({"format": "nmm_jax", "nmm_jax_version": nmm_jax.__version__, "step": run.step,
+                 "names": "path in the model joined by '.'; stacked layers on axis 0",
+                 "tokenizer": tokenizer, "model": run.config.model.to_dict(),
+                 "data": {k: run.config.data[k] for k in ("seq_len", "image_size", "max_images")}},
+                f, indent=2)
+  else:
+    m = run.config.model
+    print("hf: the text decoder only; the image parts have no place in these families")
+    safetensors_file.write(weights, hf.export_tensors(flat, m), {"format": "pt"}, progress=True)
+    hf.hf_config(m, max_positions=run.config.data.seq_len).save_pretrained(out)
+    hf.save_tokenizer(run.tokenizer_path, out)
+  print(f"wrote {out}")
+  return weights
+
+
+def _copy_tokenizer(path: str, out: str) -> str:
+  if not path:
+    logging.warning("the run's tokenizer file was not found; the export has none")
+    return ""
+  shutil.copy(path, os.path.join(out, os.path.basename(path)))
+  return os.path.basename(path)
+
+
+def main(argv):
+  del argv
+  try:
+    export(FLAGS.workdir, FLAGS.out, FLAGS.format, FLAGS.step)
+  except (FileNotFoundError, FileExistsError, ValueError) as e:
+    sys.exit(f"nmm-export: {type(e).__name__}: {e}")
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

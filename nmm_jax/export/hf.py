@@ -1,0 +1,201 @@
+"""The text decoder <-> a Hugging Face causal-LM folder, in the family whose block is ours.
+
+Our decoder block is the Qwen3 block (RMSNorm, GQA with the KV heads in Hugging Face's order,
+half-split RoPE, per-head q/k RMSNorm before RoPE, SwiGLU, no biases), or the Llama block when
+QK-norm is off, so the mapping is renames and transposes only:
+
+  embed_VxD                          model.embed_tokens.weight            [V, D]
+  decoder.blocks.attn_norm.scale[i]  model.layers.i.input_layernorm.weight
+  decoder.blocks.attn.w_q_DxHxE[i]   model.layers.i.self_attn.q_proj.weight  [H*E, D] (transposed)
+  ... w_k_DxKxE, w_v_DxKxE           k_proj, v_proj                       [K*E, D]
+  decoder.blocks.attn.w_o_HxExD[i]   model.layers.i.self_attn.o_proj.weight  [D, H*E]
+  decoder.blocks.attn.{q,k}_norm.scale[i]  model.layers.i.self_attn.{q,k}_norm.weight (Qwen3)
+  decoder.blocks.mlp_norm.scale[i]   model.layers.i.post_attention_layernorm.weight
+  decoder.blocks.mlp.w_{gate,up}_DxF[i], w_down_FxD[i]  model.layers.i.mlp.{gate,up,down}_proj.weight
+  final_norm.scale                   model.norm.weight
+  head_DxV                           lm_head.weight [V, D] (absent when embeddings are tied)
+
+Image parts (patch projection, vision encoder, connector, fusion blocks) have no place in these
+families and are left out: the export is the text decoder. An MoE decoder is refused.
+"""
+import json
+import os
+import shutil
+
+import numpy as np
+
+from nmm_jax.export.safetensors_file import Tensor
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+class ExportError(ValueError):
+  """A model (or checkpoint folder) that the Hugging Face families cannot represent."""
+
+
+def family(model_cfg) -> str:
+  """The Hugging Face architecture whose block is ours, or ExportError."""
+  if model_cfg.moe.num_experts:
+    raise ExportError(
+        f"model.moe.num_experts={model_cfg.moe.num_experts}: an MoE decoder (routing "
+        f"{model_cfg.moe.routing!r}) matches no Hugging Face family exactly; export it with "
+        f"--format=safetensors")
+  return "Qwen3ForCausalLM" if model_cfg.qk_norm else "LlamaForCausalLM"
+
+
+def hf_config(model_cfg, max_positions: int):
+  """The transformers config object of the exported model."""
+  import transformers
+  arch = family(model_cfg)
+  config_class = transformers.Qwen3Config if arch.startswith("Qwen3") else transformers.LlamaConfig
+  m = model_cfg
+  return config_class(
+      architectures=[arch], vocab_size=m.vocab_size, hidden_size=m.d_model,
+      intermediate_size=m.mlp_dim, num_hidden_layers=m.num_layers,
+      num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim,
+      hidden_act="silu", rms_norm_eps=m.norm_eps, max_position_embeddings=max_positions,
+      rope_parameters={"rope_type": "default", "rope_theta": float(m.rope_theta)},
+      tie_word_embeddings=bool(m.tie_embeddings), attention_bias=False, mlp_bias=False,
+      dtype=str(m.param_dtype))
+
+
+def _layer_map(qk_norm: bool):
+  """(our stacked name, HF per-layer name, ours[i] -> HF array)."""
+  def heads_in(w_DxHxE):
+    return w_DxHxE.reshape(w_DxHxE.shape[0], -1).T
+
+  def heads_out(w_HxExD):
+    return w_HxExD.reshape(-1, w_HxExD.shape[-1]).T
+
+  rows = [
+      ("decoder.blocks.attn_norm.scale", "input_layernorm.weight", None),
+      ("decoder.blocks.attn.w_q_DxHxE", "self_attn.q_proj.weight", heads_in),
+      ("decoder.blocks.attn.w_k_DxKxE", "self_attn.k_proj.weight", heads_in),
+      ("decoder.blocks.attn.w_v_DxKxE", "self_attn.v_proj.weight", heads_in),
+      ("decoder.blocks.attn.w_o_HxExD", "self_attn.o_proj.weight", heads_out),
+      ("decoder.blocks.mlp_norm.scale", "post_attention_layernorm.weight", None),
+      ("decoder.blocks.mlp.w_gate_DxF", "mlp.gate_proj.weight", np.transpose),
+      ("decoder.blocks.mlp.w_up_DxF", "mlp.up_proj.weight", np.transpose),
+      ("decoder.blocks.mlp.w_down_FxD", "mlp.down_proj.weight", np.transpose),
+  ]
+  if qk_norm:
+    rows += [("decoder.blocks.attn.q_norm.scale", "self_attn.q_norm.weight", None),
+             ("decoder.blocks.attn.k_norm.scale", "self_attn.k_norm.weight", None)]
+  return rows
+
+
+def export_tensors(flat: dict, model_cfg) -> list:
+  """The HF tensors (made one at a time when written) from our flat parameters."""
+  family(model_cfg)
+  tensors = []
+
+  def add(name, source, fn=None, index=None):
+    array = flat[source]
+    sample = array[index] if index is not None else array
+    shape = fn(np.empty(sample.shape, np.int8)).shape if fn else sample.shape
+
+    def make():
+      a = np.asarray(flat[source][index] if index is not None else flat[source])
+      return fn(a) if fn else a
+    tensors.append(Tensor(name, tuple(shape), np.dtype(array.dtype), make))
+
+  add("model.embed_tokens.weight", "embed_VxD")
+  for i in range(model_cfg.num_layers):
+    for ours, theirs, fn in _layer_map(model_cfg.qk_norm):
+      add(f"model.layers.{i}.{theirs}", ours, fn, index=i)
+  add("model.norm.weight", "final_norm.scale")
+  if not model_cfg.tie_embeddings:
+    add("lm_head.weight", "head_DxV", np.transpose)
+  return tensors
+
+
+def save_tokenizer(path: str, out: str):
+  """The run's tokenizer in `out`, loadable by AutoTokenizer when it is a tokenizer.json; a
+  SentencePiece model is copied as it is (transformers needs a model class to wrap it)."""
+  if not path:
+    print("hf: the run's tokenizer file was not found; the folder has none")
+    return
+  if path.endswith(".json"):
+    import transformers
+    specials = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
+    transformers.PreTrainedTokenizerFast(tokenizer_file=path, **specials).save_pretrained(out)
+  else:
+    shutil.copy(path, os.path.join(out, os.path.basename(path)))
+
+
+def read_config(folder: str) -> dict:
+  """The decoder sizes (our model keys) of a Hugging Face Qwen3 / Llama folder's config.json;
+  ExportError for a model whose block is not ours."""
+  config_path = os.path.join(folder, "config.json")
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
+  with open(config_path) as f:
+    hf = json.load(f)
+  if hf.get("model_type") not in ("qwen3", "llama"):
+    raise ExportError(f"{config_path}: model_type {hf.get('model_type')!r} "
+                      f"({hf.get('architectures')}) is not one whose block is ours; qwen3 and "
+                      f"llama are")
+  if hf.get("hidden_act", "silu") != "silu":
+    raise ExportError(f"{config_path}: hidden_act {hf['hidden_act']!r}; ours is silu (SwiGLU)")
+  for key in ("attention_bias", "mlp_bias"):
+    if hf.get(key):
+      raise ExportError(f"{config_path}: {key} is set; our blocks have no biases")
+  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+  if rope.get("rope_type", "default") != "default":
+    raise ExportError(f"{config_path}: RoPE type {rope.get('rope_type')!r}; ours is the default")
+  heads = hf["num_attention_heads"]
+  return {
+      "vocab_size": hf["vocab_size"], "d_model": hf["hidden_size"],
+      "num_layers": hf["num_hidden_layers"], "num_heads": heads,
+      "num_kv_heads": hf.get("num_key_value_heads") or heads,
+      "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads,
+      "mlp_dim": hf["intermediate_size"], "qk_norm": hf["model_type"] == "qwen3",
+      "rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
+      "norm_eps": float(hf["rms_norm_eps"]),
+      "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+  }
+
+
+def import_folder(folder: str):
+  """A Hugging Face Qwen3 or Llama folder -> (model config overrides, {our flat name: array}).
+
+  The arrays are stacked over layers as our decoder holds them; the overrides set the decoder's
+  sizes (apply them to a config before building the model)."""
+  from safetensors import safe_open
+  overrides = read_config(folder)
+  qk_norm, heads, head_dim = overrides["qk_norm"], overrides["num_heads"], overrides["head_dim"]
+  files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+  if not files:
+    raise FileNotFoundError(f"{folder} has no .safetensors weights")
+  hf_tensors = {}
+  for name in files:
+    # framework="flax": numpy has no bfloat16, the dtype most published checkpoints use.
+    with safe_open(os.path.join(folder, name), framework="flax") as f:
+      for key in f.keys():
+        hf_tensors[key] = np.asarray(f.get_tensor(key))
+
+  def take(key):
+    if key not in hf_tensors:
+      raise ExportError(f"{folder}: weight {key} is missing")
+    return hf_tensors.pop(key)
+
+  d, k, e = overrides["d_model"], overrides["num_kv_heads"], head_dim
+  inverse = {"self_attn.q_proj.weight": lambda w: w.T.reshape(d, heads, e),
+             "self_attn.k_proj.weight": lambda w: w.T.reshape(d, k, e),
+             "self_attn.v_proj.weight": lambda w: w.T.reshape(d, k, e),
+             "self_attn.o_proj.weight": lambda w: w.T.reshape(heads, e, d),
+             "mlp.gate_proj.weight": np.transpose, "mlp.up_proj.weight": np.transpose,
+             "mlp.down_proj.weight": np.transpose}
+  flat = {"embed_VxD": take("model.embed_tokens.weight"),
+          "final_norm.scale": take("model.norm.weight")}
+  for ours, theirs, _ in _layer_map(qk_norm):
+    fn = inverse.get(theirs, lambda w: w)
+    flat[ours] = np.stack([fn(take(f"model.layers.{i}.{theirs}"))
+                           for i in range(overrides["num_layers"])])
+  if not overrides["tie_embeddings"]:
+    flat["head_DxV"] = take("lm_head.weight").T
+  hf_tensors.pop("lm_head.weight", None)  # tied: some writers store the copy anyway
+  if hf_tensors:
+    raise ExportError(f"{folder}: weights with no place in our decoder: "
+                      f"{sorted(hf_tensors)[:5]}{' ...' if len(hf_tensors) > 5 else ''}")
+  return overrides, flat
