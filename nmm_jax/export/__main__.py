@@ -2,6 +2,7 @@ r"""nmm-export: a training run's checkpoint as files other frameworks read.
 
   nmm-export --workdir=DIR [--step=N] --format=safetensors --out=OUT
   nmm-export --workdir=DIR [--step=N] --format=hf --out=OUT
+  nmm-export --workdir=DIR [--step=N] --format=torch --out=OUT
 
 safetensors: every parameter, named by its path in the model ("decoder.blocks.attn.w_q_DxHxE";
 stacked layers on the leading axis, shape letters in the name as in the model code), in
@@ -11,6 +12,10 @@ tokenizer file) and the run's tokenizer file.
 hf: the text decoder as a Hugging Face Qwen3ForCausalLM (QK-norm on) or LlamaForCausalLM
 folder (config.json, model.safetensors, the tokenizer when the run has a tokenizer.json);
 `transformers.AutoModelForCausalLM.from_pretrained(OUT)` loads it. MoE decoders are refused.
+
+torch: the safetensors export plus nmm_torch.py, a pure-PyTorch reference of every model family
+(early, late in each vision_fusion mode, MoE): `nmm_torch.load(OUT)` in that folder needs only
+torch and safetensors.
 
 Only the parameters are read from the checkpoint (not the optimizer state), and tensors are
 written one at a time: peak host memory is about one copy of the model.
@@ -24,7 +29,7 @@ from absl import app, flags, logging
 
 flags.DEFINE_string("workdir", None, "The training run's folder (holds checkpoints/).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-flags.DEFINE_enum("format", None, ["safetensors", "hf"], "What to write.")
+flags.DEFINE_enum("format", None, ["safetensors", "hf", "torch"], "What to write.")
 flags.DEFINE_string("out", None, "Output folder (created; must be empty or absent).")
 flags.mark_flags_as_required(["workdir", "format", "out"])
 FLAGS = flags.FLAGS
@@ -43,7 +48,7 @@ def export(workdir: str, out: str, fmt: str, step: int | None = None) -> str:
   flat = run_checkpoint.flat_params(run.params())
   os.makedirs(out, exist_ok=True)
   weights = os.path.join(out, hf.WEIGHTS_FILE)
-  if fmt == "safetensors":
+  if fmt in ("safetensors", "torch"):
     tensors = [safetensors_file.Tensor(name, a.shape, a.dtype, lambda a=a: a)
                for name, a in flat.items()]
     safetensors_file.write(weights, tensors, {"format": "nmm_jax", "step": run.step},
@@ -55,6 +60,8 @@ def export(workdir: str, out: str, fmt: str, step: int | None = None) -> str:
                  "tokenizer": tokenizer, "model": run.config.model.to_dict(),
                  "data": {k: run.config.data[k] for k in ("seq_len", "image_size", "max_images")}},
                 f, indent=2)
+    if fmt == "torch":
+      shutil.copy(os.path.join(os.path.dirname(__file__), "nmm_torch.py"), out)
   else:
     m = run.config.model
     print("hf: the text decoder only; the image parts have no place in these families")
