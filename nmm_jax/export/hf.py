@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 
 from nmm_jax.export.safetensors_file import Tensor
@@ -91,8 +92,10 @@ def export_tensors(flat: dict, model_cfg) -> list:
 
   def add(name, source, fn=None, index=None):
     array = flat[source]
-    sample = array[index] if index is not None else array
-    shape = fn(np.empty(sample.shape, np.int8)).shape if fn else sample.shape
+    layer_shape = array.shape[1:] if index is not None else array.shape
+    # The shape after `fn`, traced abstractly (nothing allocated).
+    abstract = jax.ShapeDtypeStruct(layer_shape, np.float32)
+    shape = jax.eval_shape(lambda w: fn(w), abstract).shape if fn else layer_shape
 
     def make():
       a = np.asarray(flat[source][index] if index is not None else flat[source])
