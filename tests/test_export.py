@@ -16,7 +16,7 @@ from conftest import tiny_config
 from nmm_jax import config as config_lib
 from nmm_jax.data.tokenizer import load_tokenizer
 from nmm_jax.export import hf, run_checkpoint
-from nmm_jax.export.__main__ import export
+from nmm_jax.export.exporter import export
 from nmm_jax.models import NMM
 from nmm_jax.train.loop import train_and_evaluate
 

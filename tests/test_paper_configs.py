@@ -11,7 +11,7 @@ import pytest
 from conftest import model_param_count
 from nmm_jax import config as config_lib
 from nmm_jax.scaling import flops
-from nmm_jax.scaling.cli.params import load_family
+from nmm_jax.scaling.param_table import load_family
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 SPECS, REFERENCE, GET_CONFIG = load_family(os.path.join(ROOT, "configs", "paper.py"))
