@@ -46,7 +46,7 @@ def _text_batch(tokenizer, length=24):
   rows = [[tokenizer.bos_id] + tokenizer.encode(t) for t in texts]
   rows = [(r * length)[:length] for r in rows]  # repeat to the length: one document per row
   tokens = np.asarray(rows, np.int32)
-  positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
+  positions = np.tile(np.arange(length, dtype=np.int32), (tokens.shape[0], 1))
   return tokens, positions
 
 
