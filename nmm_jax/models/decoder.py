@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nmm_jax.models.attention import Attention
-from nmm_jax.models.layers import RMSNorm, SwiGLU, rope_tables
+from nmm_jax.models.layers import RMSNorm, SwiGLU, rope_tables, stacked
 from nmm_jax.models.moe import MoEMLP
 
 REMAT_POLICIES = {
@@ -46,7 +46,7 @@ class InterleavedGroup(nnx.Module):
   stacks these groups, so the scan body stays one shape when MoE and dense layers alternate."""
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
-    self.dense = _stacked_blocks(cfg, cfg.moe.every - 1, moe=False, rngs=rngs)
+    self.dense = stacked(cfg.moe.every - 1, lambda r: DecoderBlock(cfg, moe=False, rngs=r), rngs)
     self.moe_block = DecoderBlock(cfg, moe=True, rngs=rngs)
 
   def __call__(self, x_BxLxD, rope, mask_Bx1xLxL, is_image_BxL, valid_BxL):
@@ -57,15 +57,6 @@ class InterleavedGroup(nnx.Module):
                     unroll=True, transform_metadata={nnx.PARTITION_NAME: "layers"})
     x_BxLxD = scan(x_BxLxD, self.dense)
     return self.moe_block(x_BxLxD, rope, mask_Bx1xLxL, is_image_BxL, valid_BxL)
-
-
-def _stacked_blocks(cfg, count: int, *, moe: bool, rngs: nnx.Rngs):
-  """`count` blocks' parameters along a leading "layers" axis."""
-  @nnx.split_rngs(splits=count)
-  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-  def make(rngs):
-    return DecoderBlock(cfg, moe=moe, rngs=rngs)
-  return make(rngs)
 
 
 class Decoder(nnx.Module):
@@ -82,13 +73,9 @@ class Decoder(nnx.Module):
     # One unit's parameters per unit along a leading "layers" axis, so the forward pass is a
     # scan whose compile time does not grow with depth.
     if self.unit == 1:
-      self.blocks = _stacked_blocks(cfg, cfg.num_layers, moe=moe, rngs=rngs)
+      self.blocks = stacked(self.num_units, lambda r: DecoderBlock(cfg, moe=moe, rngs=r), rngs)
     else:
-      @nnx.split_rngs(splits=self.num_units)
-      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-      def make_groups(rngs):
-        return InterleavedGroup(cfg, rngs=rngs)
-      self.blocks = make_groups(rngs)
+      self.blocks = stacked(self.num_units, lambda r: InterleavedGroup(cfg, rngs=r), rngs)
 
   def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL, before_layer=None, is_image_BxL=None,
                valid_BxL=None):
@@ -124,13 +111,13 @@ class Decoder(nnx.Module):
     if not before_layer:
       return run(x_BxLxD, self.blocks, self.num_units)
     before_unit = {layer // self.unit: fn for layer, fn in before_layer.items()}
-    graphdef, stacked = nnx.split(self.blocks)
+    graphdef, stacked_params = nnx.split(self.blocks)
     bounds = sorted(set(before_unit) | {0, self.num_units})
     stats = []
     for start, stop in zip(bounds[:-1], bounds[1:]):
       if start in before_unit:
         x_BxLxD = before_unit[start](x_BxLxD)
-      segment = nnx.merge(graphdef, jax.tree.map(lambda a: a[start:stop], stacked))
+      segment = nnx.merge(graphdef, jax.tree.map(lambda a: a[start:stop], stacked_params))
       x_BxLxD, segment_stats = run(x_BxLxD, segment, stop - start)
       stats.append(segment_stats)
     return x_BxLxD, jax.tree.map(lambda *parts: jnp.concatenate(parts), *stats)

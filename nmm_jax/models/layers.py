@@ -1,4 +1,5 @@
-"""Building blocks shared by the decoder: parameters with logical axes, RMSNorm, RoPE, SwiGLU.
+"""Building blocks shared by the models: parameters with logical axes, stacked layers, RMSNorm,
+RoPE, SwiGLU.
 
 Shape suffixes: B batch, L sequence length, D model width, H query heads, K kv heads,
 G query heads per kv head, E head dim, F mlp hidden, V vocabulary.
@@ -30,6 +31,16 @@ def fan_in_init(fan_in_axes: int = 1):
       fan_in *= d
     return jax.random.normal(key, shape, dtype) * (fan_in ** -0.5)
   return init
+
+
+def stacked(count: int, build, rngs: nnx.Rngs):
+  """`count` modules made by `build(rngs)`, their parameters along a leading "layers" axis
+  (applied with nnx.scan, so compile time does not grow with depth)."""
+  @nnx.split_rngs(splits=count)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make(rngs):
+    return build(rngs)
+  return make(rngs)
 
 
 class RMSNorm(nnx.Module):

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nmm_jax.models.layers import fan_in_init, make_param
+from nmm_jax.models.layers import fan_in_init, make_param, stacked
 
 _MASKED = -1e30
 
@@ -86,13 +86,8 @@ class VisionEncoder(nnx.Module):
     self.pos_embed_PxW = make_param(rngs, nnx.initializers.normal(0.02),
                                     (v.num_patches, v.d_model), (None, "embed"), param_dtype)
     self.pre_norm = LayerNorm(v.d_model, eps=eps, param_dtype=param_dtype, rngs=rngs)
-
-    @nnx.split_rngs(splits=v.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make_blocks(rngs):
-      return VisionBlock(v, eps=eps, param_dtype=param_dtype, rngs=rngs)
-
-    self.blocks = make_blocks(rngs)
+    self.blocks = stacked(
+        v.num_layers, lambda r: VisionBlock(v, eps=eps, param_dtype=param_dtype, rngs=r), rngs)
 
   def __call__(self, patches_NxPxC):
     n, p, c = patches_NxPxC.shape
