@@ -23,10 +23,12 @@ def dispatch(program: str, commands: dict, usage: str):
   command = sys.argv[1]
   module = importlib.import_module(commands[command])
   sys.argv = [f"{program} {command}"] + sys.argv[2:]
-  app.run(_reporting_errors(f"{program} {command}", module.main))
+  app.run(reporting_errors(f"{program} {command}", module.main))
 
 
-def _reporting_errors(name, main):
+def reporting_errors(name, main):
+  """`main` for app.run, with USER_ERRORS reported as one line naming `name` (also used by
+  single-command scripts such as nmm-export)."""
   def wrapped(argv):
     # Orbax and JAX log at INFO; the commands print what matters, warnings still show.
     logging.set_verbosity(logging.WARNING)

@@ -20,11 +20,10 @@ torch and safetensors.
 Only the parameters are read from the checkpoint (not the optimizer state), and tensors are
 written one at a time: peak host memory is about one copy of the model.
 """
-import sys
-
 from absl import app, flags
 
 from nmm_jax.export.exporter import export
+from nmm_jax.subcommands import reporting_errors
 
 flags.DEFINE_string("workdir", None, "The training run's folder (holds checkpoints/).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -36,14 +35,11 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  try:
-    export(FLAGS.workdir, FLAGS.out, FLAGS.format, FLAGS.step)
-  except (FileNotFoundError, FileExistsError, ValueError) as e:
-    sys.exit(f"nmm-export: {type(e).__name__}: {e}")
+  export(FLAGS.workdir, FLAGS.out, FLAGS.format, FLAGS.step)
 
 
 def run():
-  app.run(main)
+  app.run(reporting_errors("nmm-export", main))
 
 
 if __name__ == "__main__":
