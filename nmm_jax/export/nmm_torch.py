@@ -45,6 +45,10 @@ def layer_norm(x, scale, bias, eps):
   return F.layer_norm(x, x.shape[-1:], scale, bias, eps)
 
 
+def swiglu(x, w_gate, w_up, w_down):
+  return (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
+
+
 def gelu_mlp(x, w_in, w_out):
   return F.gelu(x @ w_in, approximate="tanh") @ w_out  # jax.nn.gelu's default
 
@@ -100,20 +104,20 @@ class NMMTorch(torch.nn.Module):
     return self.params[name.replace(".", "/")]
 
   def _layer(self, i, name):
-    """Decoder layer i's parameter `name` (e.g. "attn.w_q_DxHxE"), and whether it is MoE."""
-    moe, every = self.m["moe"]["num_experts"] > 0, self.m["moe"]["every"]
-    if not moe or every == 1:
-      return self.p(f"decoder.blocks.{name}")[i], moe
+    """Decoder layer i's parameter `name` (e.g. "attn.w_q_DxHxE")."""
+    every = self.m["moe"]["every"]
+    if not self.m["moe"]["num_experts"] or every == 1:
+      return self.p(f"decoder.blocks.{name}")[i]
     group, j = divmod(i, every)
     if j == every - 1:
-      return self.p(f"decoder.blocks.moe_block.{name}")[group], True
-    return self.p(f"decoder.blocks.dense.{name}")[group, j], False
+      return self.p(f"decoder.blocks.moe_block.{name}")[group]
+    return self.p(f"decoder.blocks.dense.{name}")[group, j]
 
   # -- decoder -----------------------------------------------------------------------------
 
   def _attention(self, i, x, positions, mask):
     m = self.m
-    w = lambda n: self._layer(i, f"attn.{n}")[0]
+    w = lambda n: self._layer(i, f"attn.{n}")
     b, l, d = x.shape
     q = (x @ w("w_q_DxHxE").reshape(d, -1)).reshape(b, l, m["num_heads"], m["head_dim"])
     k = (x @ w("w_k_DxKxE").reshape(d, -1)).reshape(b, l, m["num_kv_heads"], m["head_dim"])
@@ -133,7 +137,7 @@ class NMMTorch(torch.nn.Module):
 
   def _moe(self, i, x, is_image):
     cfg = self.m["moe"]
-    w = lambda n: self._layer(i, f"mlp.{n}")[0]
+    w = lambda n: self._layer(i, f"mlp.{n}")
     experts, k = cfg["num_experts"], cfg["top_k"]
     logits = x @ w("w_router_DxX")  # [B, L, X]
     if cfg["routing"] == "modality":
@@ -154,7 +158,7 @@ class NMMTorch(torch.nn.Module):
     gate, up, down = w("w_gate_XxDxF"), w("w_up_XxDxF"), w("w_down_XxFxD")
     for e in range(experts):
       share = (weights * ((top_ids == e) & keep)).sum(-1, keepdim=True)  # [B, L, 1]
-      y = y + share * ((F.silu(x @ gate[e]) * (x @ up[e])) @ down[e])
+      y = y + share * swiglu(x, gate[e], up[e], down[e])
     return y
 
   # -- vision ------------------------------------------------------------------------------
@@ -245,14 +249,14 @@ class NMMTorch(torch.nn.Module):
     for layer in range(m["num_layers"]):
       if layer in before:
         x = before[layer](x)
-      x = x + self._attention(layer, rms_norm(x, self._layer(layer, "attn_norm.scale")[0], eps),
+      x = x + self._attention(layer, rms_norm(x, self._layer(layer, "attn_norm.scale"), eps),
                               positions, mask)
-      h = rms_norm(x, self._layer(layer, "mlp_norm.scale")[0], eps)
+      h = rms_norm(x, self._layer(layer, "mlp_norm.scale"), eps)
       x = x + (self._moe(layer, h, is_image) if self._is_moe(layer) else self._dense_mlp(layer, h))
     x = rms_norm(x, self.p("final_norm.scale"), eps)
     head = self.p("embed_VxD").T if m["tie_embeddings"] else self.p("head_DxV")
     return x @ head
 
   def _dense_mlp(self, i, x):
-    w = lambda n: self._layer(i, f"mlp.{n}")[0]
-    return (F.silu(x @ w("w_gate_DxF")) * (x @ w("w_up_DxF"))) @ w("w_down_FxD")
+    w = lambda n: self._layer(i, f"mlp.{n}")
+    return swiglu(x, w("w_gate_DxF"), w("w_up_DxF"), w("w_down_FxD"))
