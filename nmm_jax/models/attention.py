@@ -39,7 +39,8 @@ class Attention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
 
-  def __call__(self, x_BxLxD, rope, mask_Bx1xLxL):
+  def _project(self, x_BxLxD, rope):
+    """(q [B, L, H, E], k [B, L, K, E], v [B, L, K, E]): QK-norm and RoPE applied."""
     b, l, d = x_BxLxD.shape
     # Projections as 2-d GEMMs over flattened tokens (see SwiGLU for why).
     x_NxD = x_BxLxD.reshape(b * l, d)
@@ -52,26 +53,44 @@ class Attention(nnx.Module):
     k_BxLxKxE, v_BxLxKxE = project(self.w_k_DxKxE), project(self.w_v_DxKxE)
     if self.q_norm is not None:
       q_BxLxHxE, k_BxLxKxE = self.q_norm(q_BxLxHxE), self.k_norm(k_BxLxKxE)
-    q_BxLxHxE = apply_rope(q_BxLxHxE, rope)
-    k_BxLxKxE = apply_rope(k_BxLxKxE, rope)
+    return apply_rope(q_BxLxHxE, rope), apply_rope(k_BxLxKxE, rope), v_BxLxKxE
 
-    h, e = q_BxLxHxE.shape[2:]
-    groups = h // k_BxLxKxE.shape[2]
+  def _attend(self, q_BxLxHxE, k_BxMxKxE, v_BxMxKxE, mask_Bx1xLxM):
+    """Queries [B, L] over keys [B, M] (M = L in training, the cache length when decoding)."""
+    b, l, h, e = q_BxLxHxE.shape
+    groups = h // k_BxMxKxE.shape[2]
     if groups > 1:
       # GQA: kv head j serves query heads j*G .. j*G+G-1 (the Hugging Face order, so exported
       # weights need no permutation). Repeating k and v to H heads keeps both attention matmuls
       # plain 4-d batched matmuls; a grouped 5-d einsum measured 1.7x slower on XLA:CPU.
-      k_BxLxHxE = jnp.repeat(k_BxLxKxE, groups, axis=2)
-      v_BxLxHxE = jnp.repeat(v_BxLxKxE, groups, axis=2)
+      k_BxMxHxE = jnp.repeat(k_BxMxKxE, groups, axis=2)
+      v_BxMxHxE = jnp.repeat(v_BxMxKxE, groups, axis=2)
     else:
-      k_BxLxHxE, v_BxLxHxE = k_BxLxKxE, v_BxLxKxE
-    logits_BxHxLxL = jnp.einsum("blhe,bmhe->bhlm", q_BxLxHxE * (e ** -0.5), k_BxLxHxE)
-    logits_BxHxLxL = jnp.where(mask_Bx1xLxL, logits_BxHxLxL.astype(jnp.float32), _MASKED)
+      k_BxMxHxE, v_BxMxHxE = k_BxMxKxE, v_BxMxKxE
+    dtype = q_BxLxHxE.dtype
+    logits_BxHxLxM = jnp.einsum("blhe,bmhe->bhlm", q_BxLxHxE * (e ** -0.5), k_BxMxHxE)
+    logits_BxHxLxM = jnp.where(mask_Bx1xLxM, logits_BxHxLxM.astype(jnp.float32), _MASKED)
     # Softmax normalised after the PV product: dividing [B, L, H, E] is cheaper than [B, H, L, L].
-    max_BxHxLx1 = jax.lax.stop_gradient(jnp.max(logits_BxHxLxL, axis=-1, keepdims=True))
-    exp_BxHxLxL = jnp.exp(logits_BxHxLxL - max_BxHxLx1)
-    sum_BxLxH = jnp.moveaxis(jnp.sum(exp_BxHxLxL, axis=-1), 2, 1)
-    out_BxLxHxE = jnp.einsum("bhlm,bmhe->blhe", exp_BxHxLxL.astype(x_BxLxD.dtype), v_BxLxHxE)
-    out_BxLxHxE = out_BxLxHxE / sum_BxLxH[..., None].astype(x_BxLxD.dtype)
-    w_o_HExD = self.w_o_HxExD[...].astype(x_BxLxD.dtype).reshape(h * e, d)
+    max_BxHxLx1 = jax.lax.stop_gradient(jnp.max(logits_BxHxLxM, axis=-1, keepdims=True))
+    exp_BxHxLxM = jnp.exp(logits_BxHxLxM - max_BxHxLx1)
+    sum_BxLxH = jnp.moveaxis(jnp.sum(exp_BxHxLxM, axis=-1), 2, 1)
+    out_BxLxHxE = jnp.einsum("bhlm,bmhe->blhe", exp_BxHxLxM.astype(dtype), v_BxMxHxE)
+    out_BxLxHxE = out_BxLxHxE / sum_BxLxH[..., None].astype(dtype)
+    d = self.w_o_HxExD.shape[-1]
+    w_o_HExD = self.w_o_HxExD[...].astype(dtype).reshape(h * e, d)
     return (out_BxLxHxE.reshape(b * l, h * e) @ w_o_HExD).reshape(b, l, d)
+
+  def __call__(self, x_BxLxD, rope, mask_Bx1xLxL):
+    return self._attend(*self._project(x_BxLxD, rope), mask_Bx1xLxL)
+
+  def cached(self, x_BxLxD, rope, mask_Bx1xLxT, cache, write_at):
+    """Decoding: this call's keys and values are written into `cache` ({"k", "v"}: [B, T, K, E])
+    at positions write_at .. write_at + L - 1, and the queries attend over the whole cache
+    (`mask_Bx1xLxT` says which slots). Returns (output, updated cache)."""
+    q_BxLxHxE, k_BxLxKxE, v_BxLxKxE = self._project(x_BxLxD, rope)
+    cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], new.astype(cache[name].dtype),
+                                                       write_at, axis=1)
+             for name, new in (("k", k_BxLxKxE), ("v", v_BxLxKxE))}
+    out_BxLxD = self._attend(q_BxLxHxE, cache["k"].astype(q_BxLxHxE.dtype),
+                             cache["v"].astype(q_BxLxHxE.dtype), mask_Bx1xLxT)
+    return out_BxLxD, cache

@@ -73,7 +73,7 @@ class NMM(nnx.Module):
       return self.embed_VxD[...].T
     return self.head_DxV[...]
 
-  def _encoder_layers(self, batch):
+  def encoder_layers(self, batch):
     """Late fusion: every encoder layer's patch features, [J, B, I*P, W]."""
     patches_BxIxPxC = patchify(batch["images"], self.patch_size).astype(self.compute_dtype)
     b, i, p, c = patches_BxIxPxC.shape
@@ -106,23 +106,28 @@ class NMM(nnx.Module):
                                ).reshape(b, i * p, -1)
     else:
       if encoder_layers is None:
-        encoder_layers = self._encoder_layers(batch)
+        encoder_layers = self.encoder_layers(batch)
       image_BxNxD = self.connector(jnp.concatenate([encoder_layers[j] for j in self.input_layers],
                                                    axis=-1))
     is_image_BxLx1 = (batch["image_ids"] >= 0)[..., None]
     return jnp.where(is_image_BxLx1, self._at_tokens(image_BxNxD, batch), x_BxLxD)
 
-  def _injections(self, batch, encoder_layers):
-    """{decoder layer: fn(x) -> x} for the internal fusion modes."""
-    if self.fusion != "late" or not self.injected or "images" not in batch:
+  def injections(self, batch, encoder_layers, cross=None):
+    """{decoder layer: fn(x) -> x} for the internal fusion modes.
+
+    `cross` is for decoding text after the prompt: the (mask [B, 1, L, I*P], any [B, L, 1]) of
+    images the new tokens may cross-attend to; internal_add adds nothing at text positions."""
+    if self.fusion != "late" or not self.injected or encoder_layers is None:
       return None
     before = {}
     if self.vision_fusion == "internal_add":
+      if cross is not None:
+        return None
       for (j, layer), mlp in zip(self.injected, self.fusion_blocks):
         added_BxLxD = self._at_tokens(mlp(encoder_layers[j]), batch)
         before[layer] = lambda x, added=added_BxLxD: x + added.astype(x.dtype)
     else:
-      mask_Bx1xLxM, any_BxLx1 = image_cross_mask(
+      mask_Bx1xLxM, any_BxLx1 = cross if cross is not None else image_cross_mask(
           batch["segment_ids"], batch["image_ids"], batch["images"].shape[1],
           encoder_layers.shape[2] // batch["images"].shape[1])
       for (j, layer), xattn in zip(self.injected, self.fusion_blocks):
@@ -134,11 +139,11 @@ class NMM(nnx.Module):
     """(final hidden states [B, L, D] after the final norm, MoE statistics per layer: {} for
     dense decoders)."""
     mask_Bx1xLxL = attention_mask(batch["segment_ids"], batch["image_ids"])
-    encoder_layers = (self._encoder_layers(batch)
+    encoder_layers = (self.encoder_layers(batch)
                       if self.fusion == "late" and "images" in batch else None)
     x_BxLxD, moe_stats = self.decoder(
         self.embed(batch, encoder_layers), batch["positions"], mask_Bx1xLxL,
-        self._injections(batch, encoder_layers), is_image_BxL=batch["image_ids"] >= 0,
+        self.injections(batch, encoder_layers), is_image_BxL=batch["image_ids"] >= 0,
         valid_BxL=batch["segment_ids"] > 0)
     return self.final_norm(x_BxLxD), moe_stats
 
@@ -147,6 +152,56 @@ class NMM(nnx.Module):
     return self.forward(batch)[0]
 
   def logits(self, batch):
-    hidden_BxLxD = self(batch)
+    return self._head(self(batch))
+
+  def _head(self, hidden_BxLxD):
     return jnp.einsum("bld,dv->blv", hidden_BxLxD,
                       self.head_weight_DxV().astype(hidden_BxLxD.dtype)).astype(jnp.float32)
+
+  # Decoding with a key/value cache. The prompt is left-padded (padding first, segment id 0), so
+  # every sequence of the batch writes its next token at the same cache position.
+
+  def prefill(self, prompt, length: int):
+    """Runs the prompt ([B, P] batch-contract arrays, `images` optional) and caches its keys
+    and values in a cache of `length` >= P positions. Returns (logits of each sequence's next
+    token [B, V] f32, the decoding state for `decode`)."""
+    b, p = prompt["tokens"].shape
+    has_images = "images" in prompt
+    encoder_layers = (self.encoder_layers(prompt)
+                      if self.fusion == "late" and has_images else None)
+    valid_BxP = prompt["segment_ids"] > 0
+    mask_Bx1xPxT = jnp.pad(attention_mask(prompt["segment_ids"], prompt["image_ids"]),
+                           ((0, 0), (0, 0), (0, 0), (0, length - p)))
+    cache = self.decoder.init_cache(b, length, self.compute_dtype)
+    x_BxPxD, cache = self.decoder.cached(
+        self.embed(prompt, encoder_layers), prompt["positions"], mask_Bx1xPxT, cache, 0,
+        self.injections(prompt, encoder_layers), is_image_BxL=prompt["image_ids"] >= 0,
+        valid_BxL=valid_BxP)
+    state = {"cache": cache, "write_at": jnp.asarray(p, jnp.int32),
+             "key_valid_BxT": jnp.pad(valid_BxP, ((0, 0), (0, length - p))),
+             "position_B": prompt["positions"][:, -1] + 1}
+    if encoder_layers is not None and self.vision_fusion == "internal_xattn":
+      # Every prompt image starts before the tokens to come, in their document: the last prompt
+      # position's cross-attention mask is theirs.
+      mask_Bx1xPxM, any_BxPx1 = image_cross_mask(
+          prompt["segment_ids"], prompt["image_ids"], prompt["images"].shape[1],
+          encoder_layers.shape[2] // prompt["images"].shape[1])
+      state.update(encoder_layers=encoder_layers, cross_mask=mask_Bx1xPxM[:, :, -1:],
+                   cross_any=any_BxPx1[:, -1:])
+    return self._head(self.final_norm(x_BxPxD[:, -1:]))[:, 0], state
+
+  def decode(self, tokens_B, state):
+    """One more text token per sequence: (logits of the next one [B, V] f32, the new state)."""
+    write_at = state["write_at"]
+    key_valid_BxT = jax.lax.dynamic_update_slice_in_dim(
+        state["key_valid_BxT"], jnp.ones((tokens_B.shape[0], 1), bool), write_at, axis=1)
+    positions_Bx1 = state["position_B"][:, None]
+    step = {"tokens": tokens_B[:, None]}
+    encoder_layers = state.get("encoder_layers")
+    cross = (state["cross_mask"], state["cross_any"]) if encoder_layers is not None else None
+    x_Bx1xD, cache = self.decoder.cached(
+        self.embed(step), positions_Bx1, key_valid_BxT[:, None, None, :], state["cache"],
+        write_at, self.injections(step, encoder_layers, cross))
+    state = {**state, "cache": cache, "write_at": write_at + 1, "key_valid_BxT": key_valid_BxT,
+             "position_B": state["position_B"] + 1}
+    return self._head(self.final_norm(x_Bx1xD))[:, 0], state

@@ -1,0 +1,114 @@
+"""Images and text -> model inputs in the batch contract, laid out as training lays out documents.
+
+A sequence is  <bos> [<image_start> <image>*P <image_end>]... text  (images first, as in the
+caption source), with positions from 0 and one segment (document) per row. Prompts for decoding
+are left-padded, so every row's next token lands at the same cache position; scored sequences
+are right-padded, like packed training rows.
+"""
+import dataclasses
+
+import numpy as np
+
+from nmm_jax.data import images as images_lib
+
+# Pad values of the batch-contract keys (tokens pad with the tokenizer's <pad>).
+_FILL = {"targets": 0, "loss_mask": 0, "segment_ids": 0, "positions": 0, "image_ids": -1,
+         "patch_ids": -1}
+
+
+@dataclasses.dataclass
+class Sequence:
+  """One row's token features (unpadded) and its images [I, S, S, 3] uint8."""
+  tokens: np.ndarray
+  image_ids: np.ndarray
+  patch_ids: np.ndarray
+  images: np.ndarray
+
+
+def load_image(path: str, size: int) -> np.ndarray:
+  """[size, size, 3] uint8: the eval view (shorter side resized, centre crop) of an image file."""
+  with open(path, "rb") as f:
+    encoded = f.read()
+  try:
+    return images_lib.eval_view(images_lib.decode(encoded), size)
+  except Exception as e:  # PIL raises many types for unreadable bytes
+    raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+
+
+def build_sequence(tokenizer, images_IxSxSx3, text_ids, patches_per_image: int) -> Sequence:
+  """<bos>, each image's span, then `text_ids`."""
+  ids, image_ids, patch_ids = [tokenizer.bos_id], [-1], [-1]
+  for i in range(len(images_IxSxSx3)):
+    ids += [tokenizer.image_start_id] + [tokenizer.image_id] * patches_per_image
+    ids.append(tokenizer.image_end_id)
+    image_ids += [-1] + [i] * patches_per_image + [-1]
+    patch_ids += [-1] + list(range(patches_per_image)) + [-1]
+  ids += list(text_ids)
+  image_ids += [-1] * len(text_ids)
+  patch_ids += [-1] * len(text_ids)
+  as_int = lambda values: np.asarray(values, np.int32)
+  return Sequence(as_int(ids), as_int(image_ids), as_int(patch_ids),
+                  np.asarray(images_IxSxSx3, np.uint8))
+
+
+def _stack(rows: list[dict], length: int, pad_left: bool, pad_id: int) -> dict:
+  batch = {}
+  for key in rows[0]:
+    fill = pad_id if key == "tokens" else _FILL[key]
+    out = np.full((len(rows), length), fill, rows[0][key].dtype)
+    for r, row in enumerate(rows):
+      n = len(row[key])
+      if n > length:
+        raise ValueError(f"a sequence of {n} tokens does not fit {length}")
+      if pad_left:
+        out[r, length - n:] = row[key]
+      else:
+        out[r, :n] = row[key]
+    batch[key] = out
+  return batch
+
+
+def _images(sequences: list[Sequence], image_size: int):
+  """[B, I, S, S, 3] with I = the most images in a row, or None when no row has one."""
+  most = max(len(s.images) for s in sequences)
+  if not most:
+    return None
+  out = np.zeros((len(sequences), most, image_size, image_size, 3), np.uint8)
+  for r, s in enumerate(sequences):
+    out[r, :len(s.images)] = s.images
+  return out
+
+
+def _features(s: Sequence) -> dict:
+  n = len(s.tokens)
+  return {"tokens": s.tokens, "segment_ids": np.ones(n, np.int32),
+          "positions": np.arange(n, dtype=np.int32), "image_ids": s.image_ids,
+          "patch_ids": s.patch_ids}
+
+
+def prompt_batch(sequences: list[Sequence], tokenizer, image_size: int, length: int = 0) -> dict:
+  """Left-padded prompts for `NMM.prefill`, [B, length] (default: the longest prompt)."""
+  length = length or max(len(s.tokens) for s in sequences)
+  batch = _stack([_features(s) for s in sequences], length, True, tokenizer.pad_id)
+  images = _images(sequences, image_size)
+  if images is not None:
+    batch["images"] = images
+  return batch
+
+
+def scored_batch(sequences: list[Sequence], tokenizer, image_size: int, length: int) -> dict:
+  """Right-padded rows with next-token targets; `loss_mask` marks the text targets (the ones
+  training scores). Each row is scored on tokens[1:]."""
+  rows = []
+  for s in sequences:
+    features = _features(s)
+    features = {k: v[:-1] for k, v in features.items()}
+    targets = s.tokens[1:]
+    features["targets"] = targets
+    features["loss_mask"] = (~np.isin(targets, tokenizer.non_text_ids)).astype(np.float32)
+    rows.append(features)
+  batch = _stack(rows, length, False, tokenizer.pad_id)
+  images = _images(sequences, image_size)
+  if images is not None:
+    batch["images"] = images
+  return batch
