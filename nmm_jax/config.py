@@ -110,7 +110,17 @@ def base_config() -> ml_collections.ConfigDict:
       log_every=10,
       loss_chunk=64,          # sequence positions per chunk of the fused LM head + loss
   )
-  c.eval = dict(every_steps=100, num_batches=4)
+  c.eval = dict(
+      every_steps=100,
+      num_batches=4,          # held-out batches for the per-source eval loss
+      # Caption accuracy (eval/captions.py): held-out pictures of `caption_source` captioned by
+      # greedy decoding at each eval, scored per attribute where the documents carry the shapes
+      # generator's attributes (the embedded data). 0: off.
+      captions=32,
+      caption_source="caption",
+      max_new_tokens=12,
+      show_captions=4,        # captions printed beside the truth when the run ends
+  )
   c.checkpoint = dict(every_steps=100, keep=3, async_save=True)
   return c
 
@@ -301,6 +311,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
     _validate_init_from_hf(c)
   _positive_int(c, "eval.every_steps")
   _positive_int(c, "eval.num_batches")
+  _positive_int(c, "eval.max_new_tokens")
+  for key in ("captions", "show_captions"):
+    _require(isinstance(c.eval[key], int) and c.eval[key] >= 0, f"eval.{key}",
+             f"must be an integer >= 0, got {c.eval[key]!r}")
   _positive_int(c, "checkpoint.every_steps")
   _positive_int(c, "checkpoint.keep")
 

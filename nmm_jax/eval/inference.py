@@ -72,9 +72,10 @@ class InferenceModel:
     allowed[list(tokenizer.non_text_ids) + [tokenizer.bos_id]] = False
     self._allowed_V = allowed
 
-  def sequence(self, images_IxSxSx3, text: str = "") -> seq_lib.Sequence:
-    return seq_lib.build_sequence(self.tokenizer, images_IxSxSx3, self.tokenizer.encode(text),
-                                  self.patches_per_image)
+  def sequence(self, images_IxSxSx3, text: str = "", eos: bool = False) -> seq_lib.Sequence:
+    """<bos>, the images, the text's tokens (then <eos> if `eos`)."""
+    ids = self.tokenizer.encode(text) + ([self.tokenizer.eos_id] if eos else [])
+    return seq_lib.build_sequence(self.tokenizer, images_IxSxSx3, ids, self.patches_per_image)
 
   def _run(self, jitted, *args):
     if self.mesh is None:
@@ -95,6 +96,9 @@ class InferenceModel:
 
       def step(carry, key_t):
         logits_BxV, state, done_B = carry
+        # Merged again inside the scan body, from fresh variables: nnx variables must not cross
+        # into an inner trace.
+        model = nnx.merge(graphdef, jax.tree.map(lambda a: a, params))
         token_B = sample_next(logits_BxV, key_t, allowed_V, temperature, top_p)
         logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV), token_B[:, None],
                                         axis=-1)[:, 0]

@@ -18,6 +18,7 @@ from nmm_jax import hardware, sharding
 from nmm_jax.checkpoint import Checkpointer
 from nmm_jax.data import pipeline
 from nmm_jax.data.stages import sum_over_processes
+from nmm_jax.eval.caption_eval import TrainingCaptionEval
 from nmm_jax.scaling import flops
 from nmm_jax.train import optimizer as optimizer_lib
 from nmm_jax.train import state as state_lib
@@ -85,6 +86,8 @@ def format_record(step: int, record: dict) -> str:
           f"lr {record['lr']:.2e} | {record['tokens_per_s']:.0f} tok/s | mfu {record['mfu']:.3f}")
   if "eval/loss" in record:
     line += f"\n           | eval loss {record['eval/loss']:.4f} | {losses('eval/loss/')}"
+  if "eval/caption/all" in record:
+    line += f"\n           | caption accuracy {losses('eval/caption/')}"
   return line
 
 
@@ -146,6 +149,8 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
       make_eval_step(graphdef, len(source_names), config.train.loss_chunk),
       in_shardings=(state_sh["params"], batch_sh), out_shardings=sharding.replicated(mesh)))
 
+  captioner = TrainingCaptionEval.create(config, directory, tokenizer, mesh)
+
   seq_flops = flops.train_flops_per_sequence(config.model, config.data.seq_len,
                                                config.data.max_images)
   step_flops = seq_flops * config.train.batch_size
@@ -194,6 +199,8 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
         if eval_now:
           record.update(evaluate(eval_step, state["params"], config, directory, batch_sh,
                                  source_names))
+          if captioner is not None:
+            record.update(captioner(state["params"]))
         writer.write(step, record)
         records.append({"step": step, **record})
         progress.set_postfix(loss=f"{record['loss']:.3f}")
@@ -210,6 +217,8 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
       if step > last_saved:
         checkpointer.save(step, state, data_iter, config)
       logging.warning("SIGTERM: checkpoint at step %d saved, stopping", step)
+    elif is_main and captioner is not None and step == config.train.steps and captioner.shown():
+      progress.write(captioner.shown())
   finally:
     progress.close()
     checkpointer.close()
