@@ -13,6 +13,8 @@ def get_config():
   c.data.augment.update(crop_scale=(1.0, 1.0), flip_prob=0.0)  # see configs/default.py
   c.data.synthetic.update(train_docs=1500, eval_docs=100)
   c.train.update(steps=30, batch_size=8, warmup_steps=5, log_every=1)
-  c.eval.update(every_steps=15, num_batches=2)
+  # Caption accuracy off: most tests train briefly and would compile generation for nothing;
+  # tests/test_eval_run.py turns it on.
+  c.eval.update(every_steps=15, num_batches=2, captions=0)
   c.checkpoint.update(every_steps=10)
   return c

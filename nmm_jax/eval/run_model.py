@@ -1,0 +1,26 @@
+"""A training run's checkpoint loaded for evaluation: parameters on one device, its tokenizer."""
+import os
+
+import jax
+
+from nmm_jax.data.tokenizer import load_tokenizer
+from nmm_jax.eval.inference import InferenceModel
+from nmm_jax.export.run_checkpoint import open_run
+
+
+def load_run(workdir: str, step: int | None = None) -> InferenceModel:
+  """The checkpoint at `step` (default: the latest) of the run in `workdir`, its parameters on
+  the first device (the optimizer state stays on disk)."""
+  run = open_run(workdir, step)
+  if not run.tokenizer_path:
+    raise FileNotFoundError(f"the tokenizer of {workdir} (data.tokenizer or a tokenizer file in "
+                            f"the data folder) is gone: generation needs it")
+  params = jax.device_put(run.params(), jax.devices()[0])
+  model = InferenceModel(run.config, params, load_tokenizer(run.tokenizer_path))
+  model.step = run.step
+  return model
+
+
+def run_data_dir(model: InferenceModel, workdir: str) -> str:
+  """The run's shard folder: data.dir, or the embedded data it built under WORKDIR/data."""
+  return model.config.data.dir or os.path.join(workdir, "data")
