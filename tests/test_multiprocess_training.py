@@ -119,3 +119,20 @@ def test_a_dead_process_stops_the_others_with_an_error(shapes_data_dir, tmp_path
   assert code != 0 and time.time() - started < 60
   with open(f"{workdir}-fail-p0.log") as f:
     assert "detected fatal errors" in f.read()
+
+
+def test_two_processes_log_the_caption_accuracy_of_one(shapes_data_dir, tmp_path):
+  """Generation during training runs over both processes' devices (inputs placed replicated,
+  outputs gathered): the caption accuracy equals a 1-process run's."""
+  short = ("--config.train.steps=4", "--config.train.warmup_steps=2", "--config.eval.every_steps=4",
+           "--config.eval.captions=8")
+  runs = {}
+  for processes in (1, 2):
+    workdir = str(tmp_path / f"p{processes}")
+    assert finish(start(workdir, shapes_data_dir, processes, *short, tag="captions")) == \
+        [0] * processes
+    runs[processes] = logged(workdir)[4]
+  keys = [k for k in runs[1] if k.startswith("eval/caption/")]
+  assert sorted(keys) == sorted(f"eval/caption/{a}" for a in
+                                ("colour", "shape", "count", "region", "all"))
+  assert {k: runs[2][k] for k in keys} == {k: runs[1][k] for k in keys}

@@ -85,6 +85,12 @@ class InferenceModel:
     args = jax.tree.map(lambda a: jax.make_array_from_process_local_data(replicated, a), args)
     return sharding.traced_under(self.mesh, jitted)(self.params, *args)
 
+  def _jit(self, fn):
+    # Over a mesh the outputs are replicated: every process can read them whole.
+    if self.mesh is None:
+      return jax.jit(fn)
+    return jax.jit(fn, out_shardings=sharding.replicated(self.mesh))
+
   @functools.lru_cache(maxsize=8)
   def _generate_fn(self, max_new_tokens: int, temperature: float, top_p: float):
     graphdef, allowed_V = self.graphdef, jnp.asarray(self._allowed_V)
@@ -111,7 +117,7 @@ class InferenceModel:
           step, (logits_BxV, state, done_B), jax.random.split(key, max_new_tokens))
       return tokens_KxB.T, logprobs_KxB.T
 
-    return jax.jit(generate)
+    return self._jit(generate)
 
   def generate(self, sequences, max_new_tokens: int, *, temperature: float = 0.0,
                top_p: float = 1.0, seed: int = 0, batch_size: int = 0) -> list[Generated]:
@@ -146,7 +152,7 @@ class InferenceModel:
     def score(params, batch):
       model = nnx.merge(graphdef, params)
       return -token_nll(model(batch), model.head_weight_DxV(), batch["targets"], chunk)
-    return jax.jit(score)
+    return self._jit(score)
 
   def score(self, sequences, batch_size: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """(target ids, log-probabilities) of each sequence's text tokens after the first: the
