@@ -6,7 +6,6 @@ Prints the matmul peaks (f32, bf16; on GPUs/TPUs also the datasheet figure), the
 tokens/s, model TFLOP/s, MFU and peak memory; the last line is one JSON object with them all.
 """
 import json
-import resource
 import time
 
 import jax
@@ -50,13 +49,6 @@ def image_text_batch(config, images_per_row: int, seed: int = 0):
   rng = np.random.default_rng(seed + 1)
   batch["images"] = rng.integers(0, 256, size=(b, images_per_row, side, side, 3), dtype=np.uint8)
   return batch
-
-
-def peak_memory_bytes():
-  stats = jax.devices()[0].memory_stats() or {}
-  if "peak_bytes_in_use" in stats:
-    return stats["peak_bytes_in_use"], "device peak_bytes_in_use"
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
 
 
 def benchmark(config) -> dict:
@@ -110,7 +102,7 @@ def benchmark(config) -> dict:
                                               images_per_row) * config.train.batch_size
   model_tflops = step_flops / step_s / 1e12
   peak = peaks[config.model.dtype] * len(devices)
-  memory, memory_kind = peak_memory_bytes()
+  memory, memory_kind = hardware.peak_memory_bytes()
   result = {
       "device": device.device_kind, "platform": device.platform, "num_devices": len(devices),
       "dtype": config.model.dtype, "params": flops.param_counts(config.model)["total"],

@@ -1,4 +1,6 @@
-"""Peak FLOP/s of a device: datasheet figures for accelerators, a measured matmul for anything."""
+"""Device facts: peak FLOP/s (datasheet figures for accelerators, a measured matmul for anything)
+and peak memory."""
+import resource
 import time
 
 import jax
@@ -55,3 +57,12 @@ def peak_tflops_per_device(dtype: str) -> float:
   """Datasheet peak where known, else a quick measured one (CPU)."""
   device = jax.devices()[0]
   return datasheet_tflops(device, dtype) or measure_matmul_tflops(dtype, 1024, repeats=3)
+
+
+def peak_memory_bytes():
+  """(bytes, what they measure): the device's peak when it reports one, else the process's
+  peak resident memory (CPU)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return stats["peak_bytes_in_use"], "device peak_bytes_in_use"
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"

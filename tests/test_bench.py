@@ -39,3 +39,19 @@ def test_bench_with_images_and_late_fusion():
                       "--config.model.vision.num_heads=2")
   assert figures["fusion"] == "late" and figures["images_per_row"] == 1
   assert figures["step_time_s"] > 0 and 0 < figures["mfu"] < 1
+
+
+def test_generation_bench_prints_figures_as_json():
+  env = dict(os.environ, XLA_FLAGS="")
+  result = subprocess.run([sys.executable, "-m", "nmm_jax.eval.cli", "bench",
+                           "--config=configs/tiny.py", "--config.model.moe.num_experts=4",
+                           "--batch=4", "--prompt_len=40", "--new_tokens=6", "--images=1",
+                           "--repeats=1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  figures = json.loads(result.stdout.strip().splitlines()[-1])
+  assert figures["moe_experts"] == 4 and figures["images"] == 1
+  # Decode figures are a difference of two timings: present, not asserted (noise at this size).
+  assert "decode_tokens_per_s" in figures and "decode_step_ms" in figures
+  for key in ("prefill_and_first_token_s", "generate_s", "peak_memory_bytes"):
+    assert figures[key] > 0, key

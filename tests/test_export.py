@@ -147,3 +147,23 @@ def test_bad_exports_are_refused(runs, tmp_path):
     out = subprocess.run([sys.executable, "-m", "nmm_jax.export", *args], capture_output=True,
                          text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert out.returncode != 0 and message in out.stderr, out.stderr[-1000:]
+
+
+def test_scores_equal_the_exported_hf_models(runs, tmp_path):
+  """What `nmm-generate --score` prints is what the exported model computes."""
+  import torch
+  import transformers
+  from nmm_jax.eval.run_model import load_run
+  out = str(tmp_path / "hf")
+  export(runs["qwen3"], out, "hf")
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+  model = load_run(runs["qwen3"])
+  text = "two red circles on the left ."
+  ids, logprobs = model.score([model.sequence([], text, eos=True)])[0]
+  tokenizer = model.tokenizer
+  input_ids = [tokenizer.bos_id] + tokenizer.encode(text) + [tokenizer.eos_id]
+  assert ids.tolist() == input_ids[1:]
+  with torch.no_grad():
+    logits = hf_model(input_ids=torch.tensor([input_ids])).logits[0, :-1].float()
+  theirs = torch.log_softmax(logits, -1).gather(-1, torch.tensor(input_ids[1:])[:, None])[:, 0]
+  np.testing.assert_allclose(theirs.numpy(), logprobs, atol=1e-4)
