@@ -62,8 +62,9 @@ class InferenceModel:
   """`params` (an nnx.State, sharded over `mesh` or on one device) of a model built from
   `config` (a run's whole config: model, data sizes, loss chunk)."""
 
-  def __init__(self, config, params, tokenizer, mesh=None):
+  def __init__(self, config, params, tokenizer, mesh=None, step=None):
     self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
+    self.step = step  # the checkpoint step the parameters come from, when known
     self.graphdef, _ = state_lib.abstract_model_state(inference_model_config(config.model))
     self.image_size = config.data.image_size
     self.patches_per_image = (config.data.image_size // config.model.patch_size) ** 2

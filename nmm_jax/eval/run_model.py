@@ -16,9 +16,7 @@ def load_run(workdir: str, step: int | None = None) -> InferenceModel:
     raise FileNotFoundError(f"the tokenizer of {workdir} (data.tokenizer or a tokenizer file in "
                             f"the data folder) is gone: generation needs it")
   params = jax.device_put(run.params(), jax.devices()[0])
-  model = InferenceModel(run.config, params, load_tokenizer(run.tokenizer_path))
-  model.step = run.step
-  return model
+  return InferenceModel(run.config, params, load_tokenizer(run.tokenizer_path), step=run.step)
 
 
 def run_data_dir(model: InferenceModel, workdir: str) -> str:
