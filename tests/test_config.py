@@ -31,7 +31,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
     ({"data.augment.flip_prob": 1.5}, "config.data.augment.flip_prob"),
     ({"model.moe.num_experts": -1}, "config.model.moe.num_experts"),
     ({"eval.captions": -1}, "config.eval.captions"),
-    ({"eval.show_captions": 1.5}, "config.eval.show_captions"),
+    ({"eval.show_captions": -2}, "config.eval.show_captions"),
     ({"eval.max_new_tokens": 0}, "config.eval.max_new_tokens"),
 ])
 def test_bad_value_names_key(overrides, key):
