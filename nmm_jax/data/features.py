@@ -42,6 +42,11 @@ def _document_ids(doc, tokenizer, patches_per_image: int, image_view):
   return np.asarray(ids, np.int32), spans, images
 
 
+def text_target_mask(targets, tokenizer) -> np.ndarray:
+  """float32 1 where a target is text (the loss scores it), 0 for padding and image markers."""
+  return (~np.isin(targets, tokenizer.non_text_ids)).astype(np.float32)
+
+
 def _cut_points(num_inputs: int, spans, seq_len: int, max_images: int):
   """Piece boundaries [0, c1, ..., num_inputs]: each piece has <= seq_len inputs and
   <= max_images images, and no boundary falls inside an image span."""
@@ -72,7 +77,7 @@ def document_pieces(doc, tokenizer, source_id: int, *, patches_per_image: int, i
     image_ids[s + 1:e] = i
     patch_ids[s + 1:e] = np.arange(patches_per_image)
   targets_all = ids[1:]
-  loss_mask_all = (~np.isin(targets_all, tokenizer.non_text_ids)).astype(np.float32)
+  loss_mask_all = text_target_mask(targets_all, tokenizer)
   cuts = _cut_points(len(targets_all), spans, seq_len, max_images)
   pieces = []
   for a, b in zip(cuts[:-1], cuts[1:]):

@@ -7,8 +7,8 @@ from absl import logging
 
 from nmm_jax.data import images as images_lib
 from nmm_jax.data import writer
-from nmm_jax.data.records import ImageSegment, decode_document
-from nmm_jax.data.stages import RecordError, ShardedRecords
+from nmm_jax.data.cli.common import iter_documents
+from nmm_jax.data.records import ImageSegment
 
 
 @dataclasses.dataclass
@@ -26,21 +26,20 @@ def caption_examples(directory: str, source: str, image_size: int,
   paths = writer.shard_paths(os.path.join(directory, source), "eval")
   if not paths:
     raise FileNotFoundError(f"{directory}/{source} holds no eval-*.array_record shards")
-  records = ShardedRecords(paths)
   examples, skipped = [], 0
-  for index in range(len(records)):
+  for where, doc in iter_documents(paths):
     if limit and len(examples) == limit:
       break
-    where, raw = records[index]
+    if isinstance(doc, str):  # the reason it could not be read
+      skipped += 1
+      logging.debug("skipping %s: %s", where, doc)
+      continue
+    if not (len(doc.segments) == 2 and isinstance(doc.segments[0], ImageSegment)
+            and isinstance(doc.segments[1], str)):
+      continue  # not an image-caption pair
     try:
-      if isinstance(raw, RecordError):
-        raise ValueError(raw.detail)
-      doc = decode_document(raw)
-      if not (len(doc.segments) == 2 and isinstance(doc.segments[0], ImageSegment)
-              and isinstance(doc.segments[1], str)):
-        continue  # not an image-caption pair
       image = images_lib.eval_view(images_lib.decode(doc.segments[0].encoded), image_size)
-    except Exception as e:  # a broken record or image: skipped, counted
+    except Exception as e:  # PIL raises many types for broken bytes: skipped, counted
       skipped += 1
       logging.debug("skipping %s: %s", where, e)
       continue

@@ -78,6 +78,15 @@ class InferenceModel:
     ids = self.tokenizer.encode(text) + ([self.tokenizer.eos_id] if eos else [])
     return seq_lib.build_sequence(self.tokenizer, images_IxSxSx3, ids, self.patches_per_image)
 
+  @staticmethod
+  def _batches(sequences, batch_size: int):
+    """(first index, the sequences of a batch, the same padded to `batch_size` with copies of
+    its last, so every call has one shape); batch_size 0: all at once."""
+    batch_size = batch_size or len(sequences)
+    for start in range(0, len(sequences), batch_size):
+      part = sequences[start:start + batch_size]
+      yield start, part, part + [part[-1]] * (batch_size - len(part))
+
   def _run(self, jitted, *args):
     if self.mesh is None:
       return jitted(self.params, *args)
@@ -128,14 +137,11 @@ class InferenceModel:
       raise ValueError(f"max_new_tokens={max_new_tokens}: must be at least 1")
     if temperature < 0 or not 0 < top_p <= 1:
       raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
-    batch_size = batch_size or len(sequences)
     length = max(len(s.tokens) for s in sequences)
     fn = self._generate_fn(max_new_tokens, float(temperature), float(top_p))
     key = jax.random.key(seed)
     out = []
-    for start in range(0, len(sequences), batch_size):
-      chunk = sequences[start:start + batch_size]
-      padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+    for start, chunk, padded in self._batches(sequences, batch_size):
       prompt = seq_lib.prompt_batch(padded, self.tokenizer, self.image_size, length)
       tokens_BxK, logprobs_BxK = jax.device_get(
           self._run(fn, prompt, jax.random.fold_in(key, start)))
@@ -158,14 +164,11 @@ class InferenceModel:
   def score(self, sequences, batch_size: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """(target ids, log-probabilities) of each sequence's text tokens after the first: the
     tokens a training step scores."""
-    batch_size = batch_size or len(sequences)
     chunk = self.config.train.loss_chunk
     longest = max(len(s.tokens) for s in sequences) - 1
     length = -(-longest // chunk) * chunk  # the loss runs over whole chunks
     out = []
-    for start in range(0, len(sequences), batch_size):
-      part = sequences[start:start + batch_size]
-      padded = part + [part[-1]] * (batch_size - len(part))
+    for _, part, padded in self._batches(sequences, batch_size):
       batch = seq_lib.scored_batch(padded, self.tokenizer, self.image_size, length)
       logprobs_BxL = jax.device_get(self._run(self._score_fn(), batch))
       for r in range(len(part)):

@@ -10,6 +10,7 @@ import dataclasses
 import numpy as np
 
 from nmm_jax.data import images as images_lib
+from nmm_jax.data.features import text_target_mask
 
 # Pad values of the batch-contract keys (tokens pad with the tokenizer's <pad>).
 _FILL = {"targets": 0, "loss_mask": 0, "segment_ids": 0, "positions": 0, "image_ids": -1,
@@ -51,10 +52,12 @@ def build_sequence(tokenizer, images_IxSxSx3, text_ids, patches_per_image: int) 
                   np.asarray(images_IxSxSx3, np.uint8))
 
 
-def _stack(rows: list[dict], length: int, pad_left: bool, pad_id: int) -> dict:
+def _batch(rows: list[dict], sequences: list[Sequence], length: int, pad_left: bool,
+           tokenizer, image_size: int) -> dict:
+  """The rows padded to `length` (tokens with <pad>), plus the rows' images when any has one."""
   batch = {}
   for key in rows[0]:
-    fill = pad_id if key == "tokens" else _FILL[key]
+    fill = tokenizer.pad_id if key == "tokens" else _FILL[key]
     out = np.full((len(rows), length), fill, rows[0][key].dtype)
     for r, row in enumerate(rows):
       n = len(row[key])
@@ -65,6 +68,9 @@ def _stack(rows: list[dict], length: int, pad_left: bool, pad_id: int) -> dict:
       else:
         out[r, :n] = row[key]
     batch[key] = out
+  images = _images(sequences, image_size)
+  if images is not None:
+    batch["images"] = images
   return batch
 
 
@@ -89,11 +95,7 @@ def _features(s: Sequence) -> dict:
 def prompt_batch(sequences: list[Sequence], tokenizer, image_size: int, length: int = 0) -> dict:
   """Left-padded prompts for `NMM.prefill`, [B, length] (default: the longest prompt)."""
   length = length or max(len(s.tokens) for s in sequences)
-  batch = _stack([_features(s) for s in sequences], length, True, tokenizer.pad_id)
-  images = _images(sequences, image_size)
-  if images is not None:
-    batch["images"] = images
-  return batch
+  return _batch([_features(s) for s in sequences], sequences, length, True, tokenizer, image_size)
 
 
 def scored_batch(sequences: list[Sequence], tokenizer, image_size: int, length: int) -> dict:
@@ -105,10 +107,6 @@ def scored_batch(sequences: list[Sequence], tokenizer, image_size: int, length: 
     features = {k: v[:-1] for k, v in features.items()}
     targets = s.tokens[1:]
     features["targets"] = targets
-    features["loss_mask"] = (~np.isin(targets, tokenizer.non_text_ids)).astype(np.float32)
+    features["loss_mask"] = text_target_mask(targets, tokenizer)
     rows.append(features)
-  batch = _stack(rows, length, False, tokenizer.pad_id)
-  images = _images(sequences, image_size)
-  if images is not None:
-    batch["images"] = images
-  return batch
+  return _batch(rows, sequences, length, False, tokenizer, image_size)

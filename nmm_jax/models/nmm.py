@@ -112,24 +112,31 @@ class NMM(nnx.Module):
     is_image_BxLx1 = (batch["image_ids"] >= 0)[..., None]
     return jnp.where(is_image_BxLx1, self._at_tokens(image_BxNxD, batch), x_BxLxD)
 
+  def _image_cross(self, batch, encoder_layers):
+    """internal_xattn: (mask [B, 1, L, I*P], any [B, L, 1]) of the patches each token may
+    cross-attend to."""
+    num_images = batch["images"].shape[1]
+    return image_cross_mask(batch["segment_ids"], batch["image_ids"], num_images,
+                            encoder_layers.shape[2] // num_images)
+
   def injections(self, batch, encoder_layers, cross=None):
     """{decoder layer: fn(x) -> x} for the internal fusion modes.
 
-    `cross` is for decoding text after the prompt: the (mask [B, 1, L, I*P], any [B, L, 1]) of
-    images the new tokens may cross-attend to; internal_add adds nothing at text positions."""
+    `cross`: internal_xattn's (mask, any) for the batch's tokens, computed from the batch when
+    not given (decoded tokens carry no images: they get the prompt's). internal_add adds at
+    image positions only, so a batch without images gets nothing."""
     if self.fusion != "late" or not self.injected or encoder_layers is None:
       return None
     before = {}
     if self.vision_fusion == "internal_add":
-      if cross is not None:
+      if "images" not in batch:
         return None
       for (j, layer), mlp in zip(self.injected, self.fusion_blocks):
         added_BxLxD = self._at_tokens(mlp(encoder_layers[j]), batch)
         before[layer] = lambda x, added=added_BxLxD: x + added.astype(x.dtype)
     else:
-      mask_Bx1xLxM, any_BxLx1 = cross if cross is not None else image_cross_mask(
-          batch["segment_ids"], batch["image_ids"], batch["images"].shape[1],
-          encoder_layers.shape[2] // batch["images"].shape[1])
+      mask_Bx1xLxM, any_BxLx1 = (cross if cross is not None
+                                 else self._image_cross(batch, encoder_layers))
       for (j, layer), xattn in zip(self.injected, self.fusion_blocks):
         before[layer] = (lambda x, block=xattn, feats=encoder_layers[j]:
                          block(x, feats, mask_Bx1xLxM, any_BxLx1))
@@ -172,20 +179,20 @@ class NMM(nnx.Module):
     valid_BxP = prompt["segment_ids"] > 0
     mask_Bx1xPxT = jnp.pad(attention_mask(prompt["segment_ids"], prompt["image_ids"]),
                            ((0, 0), (0, 0), (0, 0), (0, length - p)))
+    xattn = encoder_layers is not None and self.vision_fusion == "internal_xattn"
+    cross = self._image_cross(prompt, encoder_layers) if xattn else None
     cache = self.decoder.init_cache(b, length, self.compute_dtype)
     x_BxPxD, cache = self.decoder.cached(
         self.embed(prompt, encoder_layers), prompt["positions"], mask_Bx1xPxT, cache, 0,
-        self.injections(prompt, encoder_layers), is_image_BxL=prompt["image_ids"] >= 0,
+        self.injections(prompt, encoder_layers, cross), is_image_BxL=prompt["image_ids"] >= 0,
         valid_BxL=valid_BxP)
     state = {"cache": cache, "write_at": jnp.asarray(p, jnp.int32),
              "key_valid_BxT": jnp.pad(valid_BxP, ((0, 0), (0, length - p))),
              "position_B": prompt["positions"][:, -1] + 1}
-    if encoder_layers is not None and self.vision_fusion == "internal_xattn":
+    if xattn:
       # Every prompt image starts before the tokens to come, in their document: the last prompt
       # position's cross-attention mask is theirs.
-      mask_Bx1xPxM, any_BxPx1 = image_cross_mask(
-          prompt["segment_ids"], prompt["image_ids"], prompt["images"].shape[1],
-          encoder_layers.shape[2] // prompt["images"].shape[1])
+      mask_Bx1xPxM, any_BxPx1 = cross
       state.update(encoder_layers=encoder_layers, cross_mask=mask_Bx1xPxM[:, :, -1:],
                    cross_any=any_BxPx1[:, -1:])
     return self._head(self.final_norm(x_BxPxD[:, -1:]))[:, 0], state
