@@ -31,13 +31,18 @@ from nmm_jax.data.tokenizer import load_tokenizer as _load_tokenizer
 _PAD_VALUES = {"image_ids": -1, "patch_ids": -1, "source": -1}
 
 
+def run_data_folder(config, workdir: str) -> str:
+  """Where a run's shards are: data.dir, or WORKDIR/data (the embedded shapes data)."""
+  return config.data.dir or os.path.join(workdir, "data")
+
+
 def data_dir(config, workdir: str) -> str:
   """The shard folder: data.dir, or the embedded shapes data built once under WORKDIR/data."""
   if config.data.dir:
     if not os.path.isdir(config.data.dir):
       raise FileNotFoundError(f"config.data.dir={config.data.dir!r} is not a folder")
     return config.data.dir
-  directory = os.path.join(workdir, "data")
+  directory = run_data_folder(config, workdir)
   s = config.data.synthetic
   writer.build_embedded_dataset(directory, train_docs=s.train_docs, eval_docs=s.eval_docs,
                                 image_size=config.data.image_size, seed=s.seed)

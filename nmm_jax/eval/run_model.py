@@ -1,6 +1,4 @@
 """A training run's checkpoint loaded for evaluation: parameters on one device, its tokenizer."""
-import os
-
 import jax
 
 from nmm_jax.data.tokenizer import load_tokenizer
@@ -17,8 +15,3 @@ def load_run(workdir: str, step: int | None = None) -> InferenceModel:
                             f"the data folder) is gone: generation needs it")
   params = jax.device_put(run.params(), jax.devices()[0])
   return InferenceModel(run.config, params, load_tokenizer(run.tokenizer_path), step=run.step)
-
-
-def run_data_dir(model: InferenceModel, workdir: str) -> str:
-  """The run's shard folder: data.dir, or the embedded data it built under WORKDIR/data."""
-  return model.config.data.dir or os.path.join(workdir, "data")

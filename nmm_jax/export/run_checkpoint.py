@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from nmm_jax.checkpoint import Checkpointer
+from nmm_jax.data.pipeline import run_data_folder
 from nmm_jax.data.tokenizer import tokenizer_in
 from nmm_jax.train import state as state_lib
 
@@ -61,7 +62,7 @@ def open_run(workdir: str, step: int | None = None) -> RunCheckpoint:
 def _tokenizer_path(config, workdir: str) -> str:
   if config.data.tokenizer:
     return config.data.tokenizer if os.path.isfile(config.data.tokenizer) else ""
-  return tokenizer_in(config.data.dir or os.path.join(workdir, "data"))
+  return tokenizer_in(run_data_folder(config, workdir))
 
 
 def flat_params(params: nnx.State) -> dict:

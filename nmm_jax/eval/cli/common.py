@@ -3,8 +3,9 @@ import json
 
 from absl import flags
 
+from nmm_jax.data.pipeline import run_data_folder
 from nmm_jax.eval import held_out
-from nmm_jax.eval.run_model import load_run, run_data_dir
+from nmm_jax.eval.run_model import load_run
 
 flags.DEFINE_string("workdir", None, "The training run's folder (holds checkpoints/).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -18,7 +19,7 @@ FLAGS = flags.FLAGS
 def load(source: str):
   """(the run's model, held-out caption pairs of `source`)."""
   model = load_run(FLAGS.workdir, FLAGS.step)
-  directory = FLAGS.data_dir or run_data_dir(model, FLAGS.workdir)
+  directory = FLAGS.data_dir or run_data_folder(model.config, FLAGS.workdir)
   examples = held_out.caption_examples(directory, source, model.image_size, limit=FLAGS.num)
   return model, examples
 
