@@ -9,10 +9,11 @@ FAMILY: early | late | moe. SIZE: the early model's parameter count in the paper
 275m 468m 932m 1.63b 2.28b 3.35b. `nmm-scaling params --family=configs/paper.py` prints every
 member's counted parameters beside the paper's (docs/models.md explains the differences).
 
-* early: the decoder block of DESIGN.md (MHA, SwiGLU), MLP width 8/3 d rounded up to a multiple
-  of 256 (the Llama rule), head_dim 64 where it divides the width, else 32; a 50,304-entry
-  vocabulary (GPT-2's 50,257 padded to a multiple of 64), untied embeddings; 14x14 patches of
-  224x224 images.
+* early: the decoder block of DESIGN.md (MHA, SwiGLU); heads of 64, as many as the multiple of 4
+  nearest d / 64 (12 ... 52: tensor axes of 2 and 4 divide them); MLP width 8/3 d rounded up to
+  a multiple of 256 (the Llama rule) and moved by the multiple of 128 that absorbs the attention
+  width's difference from d; a 50,304-entry vocabulary (GPT-2's 50,257 padded to a multiple of
+  64), untied embeddings; 14x14 patches of 224x224 images. docs/models.md gives the counts.
 * late: the same width; the 24 layers split into a ViT of 8 (MLP 4 d, as CLIP) and a decoder of
   16, so the total is close to the early model's; input_concat of ViT layers 4 and 8.
 * moe: the early model with every MLP an MoE of 8 experts, top-1 (the paper's default): the
@@ -39,12 +40,26 @@ LATE_ENCODER_LAYERS = 8
 VOCAB_SIZE = 50_304
 
 
+HEAD_DIM = 64
+
+
+def num_heads(d_model: int) -> int:
+  """Heads of 64 (MXU / tensor-core friendly), a multiple of 4 (a tensor axis of 2 or 4 divides
+  them): the multiple of 4 nearest d / 64. heads x 64 differs from d by up to 96."""
+  return 4 * max(1, round(d_model / HEAD_DIM / 4))
+
+
 def mlp_width(d_model: int) -> int:
-  return 256 * math.ceil(8 * d_model / 3 / 256)
+  """8/3 d rounded up to a multiple of 256 (the Llama rule), then moved by the multiple of 128
+  that best absorbs the attention width's difference from d (4 d (d - heads x 64) parameters
+  per layer), so each block keeps the size of the paper-style block."""
+  attention_gap = 4 * (d_model - num_heads(d_model) * HEAD_DIM) / 3
+  return 256 * math.ceil(8 * d_model / 3 / 256) + 128 * round(attention_gap / 128)
 
 
-def head_dim(d_model: int) -> int:
-  return 64 if d_model % 64 == 0 else 32
+def vit_heads(d_model: int) -> int:
+  """The ViT's heads split its width exactly: of 64 where it divides, else of 32."""
+  return d_model // (64 if d_model % 64 == 0 else 32)
 
 
 def get_config(spec: str = "early-275m"):
@@ -55,13 +70,15 @@ def get_config(spec: str = "early-275m"):
   d = WIDTHS[size]
   c = base_config()
   c.data.update(seq_len=2048, image_size=224, max_images=4)
-  c.model.update(vocab_size=VOCAB_SIZE, d_model=d, num_layers=DEPTH, num_heads=d // head_dim(d),
-                 num_kv_heads=d // head_dim(d), head_dim=head_dim(d), mlp_dim=mlp_width(d),
+  c.model.update(vocab_size=VOCAB_SIZE, d_model=d, num_layers=DEPTH, num_heads=num_heads(d),
+                 num_kv_heads=num_heads(d), head_dim=HEAD_DIM, mlp_dim=mlp_width(d),
                  patch_size=14, dtype="bfloat16", remat="full")
+  # Accelerator runs shard the parameters (ZeRO-3) over every chip by default.
+  c.mesh.update(data=1, fsdp=-1)
   if family == "late":
     c.model.update(fusion="late", num_layers=DEPTH - LATE_ENCODER_LAYERS,
                    vision_fusion="input_concat", vision_layers=(3, -1))
-    c.model.vision.update(d_model=d, num_layers=LATE_ENCODER_LAYERS, num_heads=d // head_dim(d),
+    c.model.vision.update(d_model=d, num_layers=LATE_ENCODER_LAYERS, num_heads=vit_heads(d),
                           mlp_dim=4 * d, num_patches=(224 // 14) ** 2)
   if family == "moe":
     c.model.moe.update(num_experts=8, top_k=1)

@@ -55,8 +55,7 @@ def benchmark(config) -> dict:
   from nmm_jax import config as config_lib
   from nmm_jax import hardware, sharding
   from nmm_jax.scaling import flops
-  from nmm_jax.train import optimizer, state as state_lib
-  from nmm_jax.train.step import make_train_step
+  from nmm_jax.train import program as program_lib
 
   devices = jax.devices()
   mesh = sharding.make_mesh(config_lib.validate(config, len(devices)), devices)
@@ -69,23 +68,14 @@ def benchmark(config) -> dict:
           f"4096x512x2048)"
           + (f", {sheet:.0f} datasheet ({tflops / sheet:.2f})" if sheet else ""))
 
-  tx = optimizer.make_optimizer(config.train, config.model)
-  graphdef, abstract = state_lib.abstract_model_state(config.model)
-  state_sh = state_lib.state_shardings(abstract, tx, config.sharding_rules, mesh)
-  state = state_lib.create_state(config.model, tx, config.train.seed, state_sh)
   images_per_row = config.bench.get("images_per_row", 0)
   batch_np = (image_text_batch(config, images_per_row) if images_per_row else text_batch(config))
-  batch_sh = sharding.batch_shardings({k: v.ndim for k, v in batch_np.items()}, mesh,
-                                     config.sharding_rules)
-  batch = {k: jax.device_put(v, batch_sh[k]) for k, v in batch_np.items()}
-  schedule = optimizer.learning_rate_schedule(config.train)
-  step = jax.jit(make_train_step(graphdef, tx, schedule, 1, config.train.loss_chunk,
-                                 config.model.moe),
-                 in_shardings=(state_sh, batch_sh),
-                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+  program = program_lib.build(config, mesh, 1, {k: v.ndim for k, v in batch_np.items()})
+  state = program.create_state(config)
+  batch = {k: jax.device_put(v, program.batch_shardings[k]) for k, v in batch_np.items()}
 
   start = time.perf_counter()
-  compiled = sharding.traced_under(mesh, step.lower)(state, batch).compile()
+  compiled = program.train_step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
   for _ in range(config.bench.warmup_steps):
     state, metrics = compiled(state, batch)

@@ -51,8 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
       tie_embeddings=False,
       patch_size=8,
       num_channels=3,
-      dtype="float32",        # compute dtype
-      param_dtype="float32",
+      dtype="float32",        # compute dtype: "bfloat16" on accelerators (f32 accumulation,
+                              # norms, softmax, logits and loss stay f32)
+      param_dtype="float32",  # parameters and optimizer moments: always f32 (validate())
       remat="none",           # one of REMATS
       scan_unroll=1,          # layers per scan iteration; >= num_layers: no loop (faster, longer compile)
       # Mixture of experts (models/moe.py): num_experts > 0 makes decoder MLPs MoEs.
@@ -266,8 +267,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
            f"must divide model.num_heads={m.num_heads}, got {m.num_kv_heads}")
   _require(m.head_dim % 2 == 0, "model.head_dim", f"must be even for RoPE, got {m.head_dim}")
   _require(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
-  _require(m.param_dtype in DTYPES, "model.param_dtype",
-           f"must be one of {DTYPES}, got {m.param_dtype!r}")
+  # bf16 parameters would mean bf16 optimizer moments and updates rounded away (no f32 master
+  # copy); model.dtype=bfloat16 computes in bf16 from f32 parameters instead.
+  _require(m.param_dtype == "float32", "model.param_dtype",
+           f"must be 'float32' (parameters and optimizer moments are the f32 master copy; "
+           f"model.dtype='bfloat16' gives bf16 compute), got {m.param_dtype!r}")
   _require(m.remat in REMATS, "model.remat", f"must be one of {REMATS}, got {m.remat!r}")
   _positive_int(c, "model.scan_unroll")
   if m.fusion == "late":

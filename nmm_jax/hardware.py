@@ -13,8 +13,9 @@ DATASHEET_TFLOPS = {
     "NVIDIA H200": {"bfloat16": 989.0, "float32": 494.0},
     "NVIDIA A100": {"bfloat16": 312.0, "float32": 156.0},
     "TPU v4": {"bfloat16": 275.0, "float32": 275.0},
+    # v5p chips call themselves "TPU v5": matched after "TPU v5 lite" (first prefix wins).
     "TPU v5 lite": {"bfloat16": 197.0, "float32": 197.0},
-    "TPU v5p": {"bfloat16": 459.0, "float32": 459.0},
+    "TPU v5": {"bfloat16": 459.0, "float32": 459.0},
     "TPU v6 lite": {"bfloat16": 918.0, "float32": 918.0},
 }
 

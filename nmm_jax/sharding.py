@@ -57,14 +57,21 @@ def batch_shardings(ndims: dict, mesh: Mesh, rules) -> dict:
   return {key: batch_sharding(mesh, rules, ndim) for key, ndim in ndims.items()}
 
 
-def traced_under(mesh: Mesh, jitted):
-  """`jitted`, called with `mesh` as the context mesh, which is what the MoE layers' shard_map
-  runs over. Only around the step: nnx.eval_shape under a context mesh would read the params'
-  logical axis names as mesh axes."""
-  def call(*args):
-    with jax.set_mesh(mesh):
-      return jitted(*args)
-  return call
+class traced_under:
+  """`jitted`, called (or lowered) with `mesh` as the context mesh, which is what the MoE layers'
+  shard_map runs over. Only around the step: nnx.eval_shape under a context mesh would read the
+  params' logical axis names as mesh axes."""
+
+  def __init__(self, mesh: Mesh, jitted):
+    self.mesh, self.jitted = mesh, jitted
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -11,14 +11,19 @@ import pytest  # noqa: E402
 from nmm_jax.config import base_config  # noqa: E402
 
 
-def load_config(name: str):
-  """get_config() of configs/NAME.py."""
+def config_module(name: str):
+  """The module of configs/NAME.py."""
   import importlib.util
   path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py")
   spec = importlib.util.spec_from_file_location(f"{name}_config_file", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module
+
+
+def load_config(name: str):
+  """get_config() of configs/NAME.py."""
+  return config_module(name).get_config()
 
 
 def tiny_config(**overrides):

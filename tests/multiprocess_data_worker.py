@@ -46,7 +46,8 @@ def main():
   from nmm_jax import config as config_lib, sharding
   from nmm_jax.data import pipeline
   from nmm_jax.data.stages import sum_over_processes
-  from nmm_jax.train.loop import BATCH_NDIMS, place_batch
+  from nmm_jax.train.loop import place_batch
+  from nmm_jax.train.program import BATCH_NDIMS
   assert jax.device_count() == 4 * int(num_processes) and jax.local_device_count() == 4
 
   spec = importlib.util.spec_from_file_location("tiny_config_file", TINY_CONFIG)

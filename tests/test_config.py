@@ -33,6 +33,8 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
     ({"eval.captions": -1}, "config.eval.captions"),
     ({"eval.show_captions": -2}, "config.eval.show_captions"),
     ({"eval.max_new_tokens": 0}, "config.eval.max_new_tokens"),
+    ({"model.param_dtype": "bfloat16"}, "config.model.param_dtype"),
+    ({"model.dtype": "float16"}, "config.model.dtype"),
 ])
 def test_bad_value_names_key(overrides, key):
   with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

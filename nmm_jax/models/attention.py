@@ -68,14 +68,17 @@ class Attention(nnx.Module):
     else:
       k_BxMxHxE, v_BxMxHxE = k_BxMxKxE, v_BxMxKxE
     dtype = q_BxLxHxE.dtype
-    logits_BxHxLxM = jnp.einsum("blhe,bmhe->bhlm", q_BxLxHxE * (e ** -0.5), k_BxMxHxE)
-    logits_BxHxLxM = jnp.where(mask_Bx1xLxM, logits_BxHxLxM.astype(jnp.float32), _MASKED)
+    # Logits and the PV product accumulate in f32 from compute-dtype operands; softmax in f32.
+    logits_BxHxLxM = jnp.einsum("blhe,bmhe->bhlm", q_BxLxHxE * (e ** -0.5), k_BxMxHxE,
+                                preferred_element_type=jnp.float32)
+    logits_BxHxLxM = jnp.where(mask_Bx1xLxM, logits_BxHxLxM, _MASKED)
     # Softmax normalised after the PV product: dividing [B, L, H, E] is cheaper than [B, H, L, L].
     max_BxHxLx1 = jax.lax.stop_gradient(jnp.max(logits_BxHxLxM, axis=-1, keepdims=True))
     exp_BxHxLxM = jnp.exp(logits_BxHxLxM - max_BxHxLx1)
     sum_BxLxH = jnp.moveaxis(jnp.sum(exp_BxHxLxM, axis=-1), 2, 1)
-    out_BxLxHxE = jnp.einsum("bhlm,bmhe->blhe", exp_BxHxLxM.astype(dtype), v_BxMxHxE)
-    out_BxLxHxE = out_BxLxHxE / sum_BxLxH[..., None].astype(dtype)
+    out_BxLxHxE = jnp.einsum("bhlm,bmhe->blhe", exp_BxHxLxM.astype(dtype), v_BxMxHxE,
+                             preferred_element_type=jnp.float32)
+    out_BxLxHxE = (out_BxLxHxE / sum_BxLxH[..., None]).astype(dtype)
     d = self.w_o_HxExD.shape[-1]
     w_o_HExD = self.w_o_HxExD[...].astype(dtype).reshape(h * e, d)
     return (out_BxLxHxE.reshape(b * l, h * e) @ w_o_HExD).reshape(b, l, d)

@@ -65,7 +65,8 @@ class MoEMLP(nnx.Module):
 
   def route(self, x_NxD, is_image_N):
     """(router logits [N, X] f32, top-k expert ids [N, K], their weights [N, K])."""
-    logits_NxX = (x_NxD @ self.w_router_DxX[...].astype(x_NxD.dtype)).astype(jnp.float32)
+    logits_NxX = jnp.matmul(x_NxD, self.w_router_DxX[...].astype(x_NxD.dtype),
+                            preferred_element_type=jnp.float32)
     scores_NxX = logits_NxX
     if self.routing == "modality":
       half = self.num_experts // 2

@@ -50,7 +50,8 @@ class NMM(nnx.Module):
     else:
       v = cfg.vision
       self.freeze_vision = v.freeze
-      self.vision = VisionEncoder(v, patch_dim, eps=cfg.norm_eps, param_dtype=dtype, rngs=rngs)
+      self.vision = VisionEncoder(v, patch_dim, eps=cfg.norm_eps, param_dtype=dtype, rngs=rngs,
+                                  scan_unroll=cfg.scan_unroll)
       self.input_layers, self.injected = vision_layer_plan(cfg)
       self.connector = MLP(len(self.input_layers) * v.d_model, cfg.d_model, cfg.d_model,
                            param_dtype=dtype, rngs=rngs)
@@ -162,8 +163,8 @@ class NMM(nnx.Module):
     return self._head(self(batch))
 
   def _head(self, hidden_BxLxD):
-    return jnp.einsum("bld,dv->blv", hidden_BxLxD,
-                      self.head_weight_DxV().astype(hidden_BxLxD.dtype)).astype(jnp.float32)
+    return jnp.einsum("bld,dv->blv", hidden_BxLxD, self.head_weight_DxV().astype(hidden_BxLxD.dtype),
+                      preferred_element_type=jnp.float32)
 
   # Decoding with a key/value cache. The prompt is left-padded (padding first, segment id 0), so
   # every sequence of the batch writes its next token at the same cache position.

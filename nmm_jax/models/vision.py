@@ -58,8 +58,9 @@ class VisionAttention(nnx.Module):
     h, e = self.heads, w // self.heads
     qkv = (x_NxPxW.reshape(n * p, w) @ self.w_qkv_Wx3HE[...].astype(x_NxPxW.dtype))
     q_NxPxHxE, k_NxPxHxE, v_NxPxHxE = jnp.split(qkv.reshape(n, p, 3 * h, e), 3, axis=2)
-    logits_NxHxPxP = jnp.einsum("nphe,nqhe->nhpq", q_NxPxHxE * e ** -0.5, k_NxPxHxE)
-    weights = jax.nn.softmax(logits_NxHxPxP.astype(jnp.float32), axis=-1).astype(x_NxPxW.dtype)
+    logits_NxHxPxP = jnp.einsum("nphe,nqhe->nhpq", q_NxPxHxE * e ** -0.5, k_NxPxHxE,
+                                preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits_NxHxPxP, axis=-1).astype(x_NxPxW.dtype)
     out_NxPxHxE = jnp.einsum("nhpq,nqhe->nphe", weights, v_NxPxHxE)
     return (out_NxPxHxE.reshape(n * p, w) @ self.w_o_HExW[...].astype(x_NxPxW.dtype)
             ).reshape(n, p, w)
@@ -80,12 +81,15 @@ class VisionBlock(nnx.Module):
 class VisionEncoder(nnx.Module):
   """Patches -> the hidden states after every block, [J, N, P, W] (layer j = after block j)."""
 
-  def __init__(self, v, patch_dim: int, *, eps: float, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, v, patch_dim: int, *, eps: float, param_dtype, rngs: nnx.Rngs,
+               scan_unroll: int = 1):
     self.patch_embed_CxW = make_param(rngs, fan_in_init(), (patch_dim, v.d_model),
                                       (None, "embed"), param_dtype)
     self.pos_embed_PxW = make_param(rngs, nnx.initializers.normal(0.02),
                                     (v.num_patches, v.d_model), (None, "embed"), param_dtype)
     self.pre_norm = LayerNorm(v.d_model, eps=eps, param_dtype=param_dtype, rngs=rngs)
+    # model.scan_unroll, as for the decoder (layers per scan iteration).
+    self.scan_unroll, self.num_layers = scan_unroll, v.num_layers
     self.blocks = stacked(
         v.num_layers, lambda r: VisionBlock(v, eps=eps, param_dtype=param_dtype, rngs=r), rngs)
 
@@ -100,6 +104,7 @@ class VisionEncoder(nnx.Module):
       return x, x
 
     scan = nnx.scan(apply_block, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+                    unroll=min(self.scan_unroll, self.num_layers),
                     transform_metadata={nnx.PARTITION_NAME: "layers"})
     _, every_layer_JxNxPxW = scan(x_NxPxW, self.blocks)
     return every_layer_JxNxPxW
@@ -146,8 +151,9 @@ class GatedCrossAttention(nnx.Module):
                  ).reshape(b, l, h, e)
     kv = (features_BxMxW.reshape(b * m, w) @ self.w_kv_Wx2HE[...].astype(x_BxLxD.dtype))
     k_BxMxHxE, v_BxMxHxE = jnp.split(kv.reshape(b, m, 2 * h, e), 2, axis=2)
-    logits_BxHxLxM = jnp.einsum("blhe,bmhe->bhlm", q_BxLxHxE * e ** -0.5, k_BxMxHxE)
-    logits_BxHxLxM = jnp.where(mask_Bx1xLxM, logits_BxHxLxM.astype(jnp.float32), _MASKED)
+    logits_BxHxLxM = jnp.einsum("blhe,bmhe->bhlm", q_BxLxHxE * e ** -0.5, k_BxMxHxE,
+                                preferred_element_type=jnp.float32)
+    logits_BxHxLxM = jnp.where(mask_Bx1xLxM, logits_BxHxLxM, _MASKED)
     weights = jax.nn.softmax(logits_BxHxLxM, axis=-1).astype(x_BxLxD.dtype)
     out_BxLxHxE = jnp.einsum("bhlm,bmhe->blhe", weights, v_BxMxHxE)
     out_BxLxD = (out_BxLxHxE.reshape(b * l, d) @ self.w_o_HExD[...].astype(x_BxLxD.dtype)

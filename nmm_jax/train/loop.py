@@ -20,11 +20,10 @@ from nmm_jax.data import pipeline
 from nmm_jax.data.stages import sum_over_processes
 from nmm_jax.eval.caption_eval import TrainingCaptionEval
 from nmm_jax.scaling import flops
-from nmm_jax.train import optimizer as optimizer_lib
+from nmm_jax.train import program as program_lib
 from nmm_jax.train import state as state_lib
 from nmm_jax.train.loss import losses_from_sums
 from nmm_jax.train.metrics import MetricsWriter, router_metrics
-from nmm_jax.train.step import make_eval_step, make_train_step
 
 
 class _StopRequest:
@@ -54,11 +53,6 @@ class _StopRequest:
   def restore(self):
     if not self._multi:
       signal.signal(signal.SIGTERM, self._previous)
-
-
-# Rank of each batch-contract array (the shardings are needed before the first batch, for jit).
-BATCH_NDIMS = {"tokens": 2, "targets": 2, "loss_mask": 2, "image_ids": 2, "patch_ids": 2,
-               "source": 2, "segment_ids": 2, "positions": 2, "images": 5}
 
 
 def place_batch(batch, shardings):
@@ -107,7 +101,6 @@ def train_and_evaluate(config, workdir: str, devices=None) -> list[dict]:
 
 def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
   mesh = sharding.make_mesh(mesh_shape, devices)
-  rules = config.sharding_rules
   directory = pipeline.data_dir(config, workdir)
   tokenizer = pipeline.load_tokenizer(config, directory)
   if tokenizer.vocab_size > config.model.vocab_size:
@@ -116,11 +109,9 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
         f"{tokenizer.vocab_size} entries ({tokenizer.path})")
   source_names = pipeline.source_names(config)
 
-  tx = optimizer_lib.make_optimizer(config.train, config.model)
-  schedule = optimizer_lib.learning_rate_schedule(config.train)
-  graphdef, abstract_params = state_lib.abstract_model_state(config.model)
-  state_sh = state_lib.state_shardings(abstract_params, tx, rules, mesh)
-  state = state_lib.create_state(config.model, tx, config.train.seed, state_sh)
+  program = program_lib.build(config, mesh, len(source_names))
+  state_sh, batch_sh = program.state_shardings, program.batch_shardings
+  state = program.create_state(config)
 
   checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep,
                               async_save=config.checkpoint.async_save)
@@ -134,20 +125,10 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
     state = state_lib.set_params(state, decoder, state_sh)
     logging.warning("Text decoder initialised from %s", config.train.init_from_hf)
   if start_step:
-    abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
-    state = checkpointer.restore(start_step, abstract_state, data_iter, config)
+    state = checkpointer.restore(start_step, program.abstract_state(), data_iter, config)
     logging.warning("Resumed from the checkpoint at step %d in %s", start_step, workdir)
 
-  batch_sh = sharding.batch_shardings(BATCH_NDIMS, mesh, rules)
-  train_step = sharding.traced_under(mesh, jax.jit(make_train_step(graphdef, tx, schedule, len(source_names),
-                                       config.train.loss_chunk, config.model.moe),
-                       in_shardings=(state_sh, batch_sh),
-                       out_shardings=(state_sh, sharding.replicated(mesh)),
-                       donate_argnums=(0,)))
-  eval_step = sharding.traced_under(mesh, jax.jit(
-      make_eval_step(graphdef, len(source_names), config.train.loss_chunk),
-      in_shardings=(state_sh["params"], batch_sh), out_shardings=sharding.replicated(mesh)))
+  train_step, eval_step = program.train_step, program.eval_step
 
   captioner = TrainingCaptionEval.create(config, directory, tokenizer, mesh)
 

@@ -24,7 +24,10 @@ def _unchunked(x_NxBxC, shape):
 
 
 def _chunk_logits(h_BxCxD, head_DxV):
-  return jnp.einsum("bcd,dv->bcv", h_BxCxD, head_DxV.astype(h_BxCxD.dtype)).astype(jnp.float32)
+  """Logits in f32 from compute-dtype operands: the matmul runs at the bf16 rate and
+  accumulates in f32 (the softmax over 50k entries needs it)."""
+  return jnp.einsum("bcd,dv->bcv", h_BxCxD, head_DxV.astype(h_BxCxD.dtype),
+                    preferred_element_type=jnp.float32)
 
 
 def _nll_from_logits(logits_BxCxV, targets_BxC):
@@ -51,7 +54,8 @@ def weighted_nll(hidden_BxLxD, head_DxV, targets_BxL, weights_BxL, chunk: int):
 
 
 def _weighted_nll_fwd(hidden_BxLxD, head_DxV, targets_BxL, weights_BxL, chunk):
-  head_f32 = head_DxV.astype(jnp.float32)
+  dtype = hidden_BxLxD.dtype
+  head_c = head_DxV.astype(dtype)
 
   def body(d_head_DxV, xs):
     h_BxCxD, t_BxC, w_BxC = xs
@@ -62,24 +66,29 @@ def _weighted_nll_fwd(hidden_BxLxD, head_DxV, targets_BxL, weights_BxL, chunk):
     # are all slower than this.)
     d_logits_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None]) * w_BxC[..., None]
     d_logits_BxCxV = d_logits_BxCxV - jax.nn.one_hot(t_BxC, head_DxV.shape[1]) * w_BxC[..., None]
-    d_h_BxCxD = jnp.einsum("bcv,dv->bcd", d_logits_BxCxV, head_f32)
-    d_head_DxV = d_head_DxV + jnp.einsum("bcd,bcv->dv", h_BxCxD.astype(jnp.float32),
-                                         d_logits_BxCxV)
+    # The two gradient matmuls take compute-dtype operands and accumulate in f32, like the
+    # forward one (in f32 runs this is the f32 computation).
+    d_logits_BxCxV = d_logits_BxCxV.astype(dtype)
+    d_h_BxCxD = jnp.einsum("bcv,dv->bcd", d_logits_BxCxV, head_c,
+                           preferred_element_type=jnp.float32).astype(dtype)
+    d_head_DxV = d_head_DxV + jnp.einsum("bcd,bcv->dv", h_BxCxD, d_logits_BxCxV,
+                                         preferred_element_type=jnp.float32)
     return d_head_DxV, (nll_BxC, d_h_BxCxD)
 
   xs = (_chunked(hidden_BxLxD, chunk), _chunked(targets_BxL, chunk), _chunked(weights_BxL, chunk))
-  d_head_DxV, (nll, d_h) = jax.lax.scan(body, jnp.zeros_like(head_f32), xs)
+  d_head_DxV, (nll, d_h) = jax.lax.scan(body, jnp.zeros(head_DxV.shape, jnp.float32), xs)
   nll_BxL = _unchunked(nll, targets_BxL.shape)
-  residuals = (_unchunked(d_h, hidden_BxLxD.shape).astype(hidden_BxLxD.dtype),
-               d_head_DxV.astype(head_DxV.dtype))
+  residuals = (_unchunked(d_h, hidden_BxLxD.shape), d_head_DxV.astype(head_DxV.dtype))
   return (jnp.sum(nll_BxL * weights_BxL), nll_BxL), residuals
 
 
 def _weighted_nll_bwd(chunk, residuals, cotangents):
   del chunk
   d_hidden, d_head = residuals
+  # The cotangent of the sum is f32; each gradient keeps the dtype of its primal (bf16 hidden
+  # states, f32 head), as a custom VJP must.
   g_sum = cotangents[0]
-  return g_sum * d_hidden, g_sum * d_head, None, None
+  return (g_sum * d_hidden.astype(jnp.float32)).astype(d_hidden.dtype), g_sum * d_head, None, None
 
 
 weighted_nll.defvjp(_weighted_nll_fwd, _weighted_nll_bwd)

@@ -15,13 +15,23 @@ def moe_aux_loss(stats, moe):
           + moe.z_loss_weight * jnp.mean(stats["z_loss"]))
 
 
-def make_train_step(graphdef, tx, schedule, num_sources, loss_chunk, moe=None):
-  """`moe`: model.moe, for the weights of the auxiliary losses."""
+def in_compute_dtype(params, dtype):
+  """Floating-point parameters cast to the compute dtype where they are stored, i.e. still
+  sharded: FSDP's per-layer all-gathers then move bf16, half the bytes of the f32 master copy.
+  The gradient flows back through the cast to the f32 parameters."""
+  dtype = jnp.dtype(dtype)
+  return jax.tree.map(
+      lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+
+
+def make_train_step(graphdef, tx, schedule, num_sources, loss_chunk, moe=None,
+                    compute_dtype="float32"):
+  """`moe`: model.moe, for the weights of the auxiliary losses; `compute_dtype`: model.dtype."""
   def train_step(state, batch):
     count = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
     def loss_fn(params):
-      model = nnx.merge(graphdef, params)
+      model = nnx.merge(graphdef, in_compute_dtype(params, compute_dtype))
       hidden_BxLxD, moe_stats = model.forward(batch)
       loss, nll_BxL = weighted_nll(hidden_BxLxD, model.head_weight_DxV(), batch["targets"],
                                    batch["loss_mask"] / count, loss_chunk)

@@ -1,0 +1,165 @@
+"""The train step of a config compiled for a target (nmm_jax.compile.topologies), and what the
+compiled program says about it: memory per chip, FLOPs, collectives, compile time.
+
+The step is the one the training loop runs (train/program.py): same shardings, donation, remat.
+"""
+import copy
+import math
+import time
+
+import jax
+import numpy as np
+
+from nmm_jax import config as config_lib
+from nmm_jax import sharding
+from nmm_jax.compile import hlo
+from nmm_jax.data import pipeline
+from nmm_jax.scaling import flops
+from nmm_jax.train import program as program_lib
+
+
+def _with(config, **values):
+  """A copy of `config` with dotted keys set."""
+  config = copy.deepcopy(config)
+  for key, value in values.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def default_per_chip_batch(config, target) -> int:
+  """The config's global batch spread over the target's chips; ValueError if it does not
+  divide."""
+  chips = len(target.devices)
+  if config.train.batch_size % chips:
+    raise ValueError(f"train.batch_size={config.train.batch_size} does not spread evenly over "
+                     f"{chips} chips of {target.name}; pass --per_chip_batch")
+  return config.train.batch_size // chips
+
+
+def shard_bytes(abstract_tree) -> int:
+  """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the largest shard,
+  i.e. the first device's: shards of one array have one shape)."""
+  total = 0
+  for leaf in jax.tree.leaves(abstract_tree):
+    shape = leaf.sharding.shard_shape(leaf.shape)
+    total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def compile_step(config, target, per_chip_batch: int, count_flops: bool = False) -> dict:
+  """Compiles the train step of `config` for `target` at `per_chip_batch` sequences per chip.
+
+  `count_flops`: also compile it with every loop unrolled (decoder and encoder scans, one loss
+  chunk), because XLA's cost analysis counts a loop body once; that compile is slower.
+  """
+  chips = len(target.devices)
+  batch = per_chip_batch * chips
+  config = _with(config, **{"train.batch_size": batch})
+  mesh_shape = config_lib.validate(config, chips)
+  mesh = sharding.make_mesh(mesh_shape, target.devices)
+  num_sources = len(pipeline.source_names(config))
+  program = program_lib.build(config, mesh, num_sources)
+
+  start = time.perf_counter()
+  lowered = program_lib.lower_train_step(program, config, batch)
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+
+  memory = compiled.memory_analysis()
+  state = program.abstract_state()
+  peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+          - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+  model_flops = flops.train_flops_per_sequence(config.model, config.data.seq_len,
+                                               config.data.max_images) * batch
+  report = {
+      "topology": target.name, "chips": chips, "device_kind": target.device_kind,
+      "platform": target.platform, "mesh": mesh_shape, "per_chip_batch": per_chip_batch,
+      "global_batch": batch, "seq_len": config.data.seq_len, "dtype": config.model.dtype,
+      "remat": config.model.remat,
+      "params": flops.param_counts(config.model)["total"],
+      "param_bytes": shard_bytes(state["params"]),
+      "optimizer_bytes": shard_bytes(state["opt_state"]),
+      "argument_bytes": memory.argument_size_in_bytes,
+      "output_bytes": memory.output_size_in_bytes,
+      "alias_bytes": memory.alias_size_in_bytes,
+      "temp_bytes": memory.temp_size_in_bytes,
+      "peak_bytes": peak, "hbm_bytes": target.hbm_bytes, "fits": peak <= target.hbm_bytes,
+      "margin_bytes": target.hbm_bytes - peak,
+      "model_flops_per_chip": model_flops / chips,
+      "compiled_flops_per_chip": None,
+      "collectives": hlo.collectives(compiled.as_text()),
+      "compile_s": round(compile_s, 2),
+  }
+  if count_flops:
+    report["compiled_flops_per_chip"] = unrolled_flops(config, target, per_chip_batch)
+  return report
+
+
+def unrolled_flops(config, target, per_chip_batch: int):
+  """FLOPs per chip of the step with no loops (None where the backend has no cost analysis:
+  the CUDA plugin)."""
+  batch = per_chip_batch * len(target.devices)
+  m = config.model
+  depth = max(m.num_layers, m.vision.num_layers if m.fusion == "late" else 1)
+  config = _with(config, **{"model.scan_unroll": depth, "train.loss_chunk": config.data.seq_len,
+                            "train.batch_size": batch})
+  mesh = sharding.make_mesh(config_lib.validate(config, len(target.devices)), target.devices)
+  program = program_lib.build(config, mesh, len(pipeline.source_names(config)))
+  cost = program_lib.lower_train_step(program, config, batch).compile().cost_analysis()
+  if isinstance(cost, list):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def max_per_chip_batch(config, target, limit: int = 4096, log=print, known=None):
+  """(largest per-chip batch whose step fits the target's memory, the report at it; at 0, the
+  report at 1).
+
+  Peak memory is close to affine in the batch, so two compiles (1 and another size: one in
+  `known`, {per-chip batch: report} already compiled, or 2) predict the answer; a compile at the
+  prediction and galloping from it bracket the answer, and bisection settles it."""
+  reports = dict(known or {})
+
+  def fits(b):
+    if b not in reports:
+      reports[b] = compile_step(config, target, b)
+      r = reports[b]
+      log(f"  per-chip batch {b:5d}: peak {r['peak_bytes'] / 2**30:7.2f} GiB of "
+          f"{r['hbm_bytes'] / 2**30:.1f} ({'fits' if r['fits'] else 'does not fit'}, "
+          f"compile {r['compile_s']:.1f} s)")
+    return reports[b]["fits"]
+
+  def bracket():
+    lo = max(b for b, r in reports.items() if r["fits"])
+    hi = min((b for b, r in reports.items() if not r["fits"]), default=limit + 1)
+    return lo, hi
+
+  if not fits(1):
+    return 0, reports[1]
+  other = max((b for b in reports if b > 1), default=2)
+  fits(other)
+  per_row = (reports[other]["peak_bytes"] - reports[1]["peak_bytes"]) / (other - 1)
+  fixed = reports[1]["peak_bytes"] - per_row
+  guess = limit if per_row <= 0 else int((target.hbm_bytes - fixed) // per_row)
+  lo, hi = bracket()
+  if hi - lo > 1:
+    guess = min(max(guess, lo + 1), hi - 1)
+    # Gallop away from the guess on the side it fell, doubling the step, until the answer is
+    # bracketed; then bisect.
+    upwards, step = fits(guess), 1
+    lo, hi = bracket()
+    while hi - lo > 1:
+      probe = guess + step if upwards else guess - step
+      if not lo < probe < hi or fits(probe) != upwards:
+        break
+      step *= 2
+      lo, hi = bracket()
+    lo, hi = bracket()
+  while hi - lo > 1:
+    fits((lo + hi) // 2)
+    lo, hi = bracket()
+  return lo, reports[lo]

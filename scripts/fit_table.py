@@ -1,0 +1,121 @@
+r"""The fit tables of README.md and docs/models.md: every configs/paper.py member and the
+configs/large.py ones, compiled by nmm-compile's functions for v5p-64, v6e-256 and h100-8.
+
+  .venv/bin/python scripts/fit_table.py --out=fit_table.jsonl [--topologies=v5p-64,h100-8]
+  .venv/bin/python scripts/fit_table.py --out=fit_table.jsonl --render   # the Markdown table
+
+Each cell compiles the train step at the paper's batch (256 sequences over the chips) and then
+searches the largest per-chip batch (report.max_per_chip_batch). Rows are appended to --out as
+they finish, so an interrupted run continues where it stopped. The mesh shards parameters over
+as many chips as divide d_model (fsdp = gcd(chips, d_model)) and data-parallelises the rest.
+"""
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import json  # noqa: E402
+import math  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+
+_OUT = flags.DEFINE_string("out", "fit_table.jsonl", "Rows, one JSON object per cell.")
+_TOPOLOGIES = flags.DEFINE_list("topologies", ["v5p-64", "v6e-256", "h100-8"], "Targets.")
+_SPECS = flags.DEFINE_list("specs", None, "FILE:MEMBER cells (default: every member).")
+_SEARCH = flags.DEFINE_bool("search", True, "Also find the largest per-chip batch.")
+_RENDER = flags.DEFINE_bool("render", False, "Print the Markdown table of --out and exit.")
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+PAPER_BATCH = 256
+
+
+def _family(name):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def all_specs():
+  return [f"{f}:{m}" for f in ("paper", "large") for m in _family(f).SPECS]
+
+
+def config_for(spec, chips):
+  name, _, member = spec.partition(":")
+  config = _family(name).get_config(member)
+  fsdp = math.gcd(chips, config.model.d_model)
+  config.mesh.update(data=chips // fsdp, fsdp=fsdp, tensor=1, expert=1)
+  return config
+
+
+def _done(path):
+  if not os.path.exists(path):
+    return set()
+  with open(path) as f:
+    return {(r["spec"], r["topology"]) for r in map(json.loads, filter(str.strip, f))}
+
+
+def measure(spec, target, search):
+  from nmm_jax.compile import report
+  chips = len(target.devices)
+  config = config_for(spec, chips)
+  per_chip = max(1, PAPER_BATCH // chips)
+  at_paper = report.compile_step(config, target, per_chip)
+  row = {"spec": spec, "topology": target.name, "chips": chips, "mesh": at_paper["mesh"],
+         "paper_per_chip_batch": per_chip, "paper_peak_bytes": at_paper["peak_bytes"],
+         "paper_fits": at_paper["fits"], "hbm_bytes": target.hbm_bytes,
+         "compile_s": at_paper["compile_s"], "params": at_paper["params"]}
+  if search:
+    best, r = report.max_per_chip_batch(config, target, known={per_chip: at_paper},
+                                        log=lambda s: print(s, flush=True))
+    row.update(max_per_chip_batch=best, max_peak_bytes=r["peak_bytes"] if best else None)
+  return row
+
+
+def render(path):
+  with open(path) as f:
+    rows = {(r["spec"], r["topology"]): r for r in map(json.loads, filter(str.strip, f))}
+  topologies = list(dict.fromkeys(t for _, t in rows))
+  print("| config | " + " | ".join(f"{t}: batch 256 | {t}: max / chip" for t in topologies) + " |")
+  print("|---|" + "---|---|" * len(topologies))
+  for spec in all_specs():
+    cells = []
+    for t in topologies:
+      r = rows.get((spec, t))
+      if r is None:
+        cells += ["not compiled", ""]
+        continue
+      gib = r["paper_peak_bytes"] / 2 ** 30
+      cells.append(f"{'fits' if r['paper_fits'] else '**no**'} {gib:.1f} GiB "
+                   f"({r['compile_s']:.0f} s)")
+      if "max_per_chip_batch" in r:
+        peak = f", {r['max_peak_bytes'] / 2 ** 30:.1f} GiB" if r["max_per_chip_batch"] else ""
+        cells.append(f"{r['max_per_chip_batch']}{peak}")
+      else:
+        cells.append("")
+    print(f"| {spec.split(':')[1]} | " + " | ".join(cells) + " |")
+
+
+def main(argv):
+  del argv
+  if _RENDER.value:
+    render(_OUT.value)
+    return
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)
+  from nmm_jax.compile import topologies
+  done = _done(_OUT.value)
+  for name in _TOPOLOGIES.value:
+    target = topologies.target(name)
+    for spec in _SPECS.value or all_specs():
+      if (spec, name) in done:
+        continue
+      print(f"{spec} on {name}", flush=True)
+      row = measure(spec, target, _SEARCH.value)
+      print(json.dumps(row), flush=True)
+      with open(_OUT.value, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)

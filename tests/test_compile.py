@@ -1,0 +1,196 @@
+"""nmm-compile: the real train step compiled for targets that are not attached (cpu-8 here, a v5p
+slice through libtpu's compile-only devices), with memory, FLOPs and collectives checked against
+hand-computed values."""
+import dataclasses
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import config_module, tiny_config
+from nmm_jax.compile import hlo, report, topologies
+from nmm_jax.scaling import flops
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+JSON_FIELDS = ("topology", "chips", "device_kind", "mesh", "per_chip_batch", "seq_len",
+               "peak_bytes", "hbm_bytes", "fits", "compiled_flops_per_chip",
+               "model_flops_per_chip", "collectives")
+
+
+def _config_file(spec):
+  """get_config(arg) of configs/FILE.py[:ARG]."""
+  name, _, arg = spec.partition(":")
+  module = config_module(name)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _smallest_members():
+  """Every configs/ file; a file of several members (SPECS) at each family's smallest, its
+  first member."""
+  specs = []
+  for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))):
+    name = os.path.basename(path)[:-3]
+    module = config_module(name)
+    if not hasattr(module, "SPECS"):
+      specs.append(name)
+      continue
+    families = {}
+    for member in module.SPECS:
+      families.setdefault(member.split("-")[0], member)
+    specs += [f"{name}:{m}" for m in families.values()]
+  return specs
+
+
+@pytest.fixture(scope="module")
+def cpu8():
+  return topologies.target("cpu-8")
+
+
+@pytest.mark.parametrize("spec", _smallest_members())
+def test_every_config_compiles_for_cpu8(spec, cpu8):
+  config = _config_file(spec)
+  r = report.compile_step(config, cpu8, per_chip_batch=1)
+  assert r["peak_bytes"] > r["param_bytes"] + r["optimizer_bytes"] > 0
+  assert r["global_batch"] == 8 and r["chips"] == 8
+
+
+def test_fsdp_report_equals_hand_counts(cpu8):
+  """tiny with fsdp=8: every parameter with an "embed" axis holds 1/8 per chip, the QK-norm
+  scales (no embed axis) are whole; AdamW keeps two moments of each; the model FLOPs are
+  6 N L + 6 layers L^2 H E per sequence."""
+  config = tiny_config(**{"mesh.data": 1, "mesh.fsdp": 8})
+  r = report.compile_step(config, cpu8, per_chip_batch=2, count_flops=True)
+  m = config.model
+  total = flops.param_counts(m)["total"]
+  qk_norm = m.num_layers * 2 * m.head_dim
+  assert r["param_bytes"] == 4 * ((total - qk_norm) // 8 + qk_norm)
+  assert 0 <= r["optimizer_bytes"] - 2 * r["param_bytes"] <= 64  # + step counters
+  # d 64, 2 layers, 4 heads (2 kv) of 16, mlp 128, vocab 128, 4x4x3 patches; seq 128.
+  matmul = 2 * 64 * 16 * (2 * 4 + 2 * 2) + 2 * 3 * 64 * 128 + 64 * 128 + 48 * 64
+  per_sequence = 6 * matmul * 128 + 6 * 2 * 128 ** 2 * 4 * 16
+  assert r["model_flops_per_chip"] == per_sequence * 16 / 8
+  # The compiled step computes the whole L x L attention and the patch projection of empty
+  # image slots: more than the model FLOPs, but not wildly.
+  assert 1.0 < r["compiled_flops_per_chip"] / r["model_flops_per_chip"] < 1.6
+  batch_bytes = 16 * 128 * 4 * 8 + 16 * 6 * 16 * 16 * 3  # 8 int/float [B, L] arrays + images
+  assert r["argument_bytes"] == r["param_bytes"] + r["optimizer_bytes"] + 4 + batch_bytes // 8
+  assert r["peak_bytes"] == (r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"]
+                             + r["temp_bytes"])
+  kinds = {c["kind"]: c for c in r["collectives"]}
+  # ZeRO-3 weights are gathered, every layer: inside the layer scan, once per trip.
+  assert kinds["all-gather"]["executed"] > kinds["all-gather"]["count"]
+
+
+def test_data_parallel_all_reduces_every_gradient(cpu8):
+  """Pure data parallelism: parameters replicated, gradients all-reduced: at least the whole
+  f32 gradient (4 bytes per parameter) per step."""
+  r = report.compile_step(tiny_config(), cpu8, per_chip_batch=1)
+  total = flops.param_counts(tiny_config().model)["total"]
+  assert r["param_bytes"] == 4 * total
+  all_reduce = {c["kind"]: c for c in r["collectives"]}["all-reduce"]
+  assert all_reduce["bytes"] >= 4 * total
+  assert "all-gather" not in {c["kind"] for c in r["collectives"]}
+
+
+def test_max_batch_is_the_largest_that_fits(cpu8):
+  """With a chip of 40 MiB, the search returns a batch that fits and one more does not."""
+  small = dataclasses.replace(cpu8, hbm_bytes=40 * 2 ** 20)
+  config = tiny_config(**{"mesh.data": 1, "mesh.fsdp": 8})
+  best, r = report.max_per_chip_batch(config, small, log=lambda *a: None)
+  assert best > 2 and r["fits"] and r["per_chip_batch"] == best
+  assert not report.compile_step(config, small, best + 1)["fits"]
+
+
+def test_collectives_count_loop_trips():
+  text = """HloModule m
+
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p = (s32[], f32[4]) parameter(0)
+  %ag = f32[16]{0} all-gather(f32[4]{0} %x), dimensions={0}
+  %ars = (f32[8]{0}, f32[8]{0}) all-reduce-start(f32[8]{0} %y), to_apply=%add
+}
+
+%cond (p: (s32[], f32[4])) -> pred[] {
+  %c = s32[]{:T(128)} constant(6)
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %w = (s32[], f32[4]) while(%t), condition=%cond, body=%body
+  %rs = bf16[2,3]{1,0} reduce-scatter(bf16[16,3]{1,0} %z), dimensions={0}
+}
+"""
+  got = {c["kind"]: c for c in hlo.collectives(text)}
+  assert got["all-gather"] == {"kind": "all-gather", "count": 1, "executed": 6, "bytes": 6 * 64,
+                               "dtypes": {"f32": 6 * 64}}
+  assert got["all-reduce"] == {"kind": "all-reduce", "count": 1, "executed": 6, "bytes": 6 * 32,
+                               "dtypes": {"f32": 6 * 32}}
+  assert got["reduce-scatter"] == {"kind": "reduce-scatter", "count": 1, "executed": 1,
+                                   "bytes": 12, "dtypes": {"bf16": 12}}
+
+
+def test_topology_names():
+  assert topologies.chip_grid(4, 3) == "2x2x1" and topologies.chip_grid(32, 3) == "2x4x4"
+  assert topologies.chip_grid(256, 2) == "16x16" and topologies.chip_grid(8, 2) == "2x4"
+  with pytest.raises(topologies.TopologyError, match="unknown topology"):
+    topologies.target("tpu-7")
+  with pytest.raises(topologies.TopologyError, match="must be even"):
+    topologies.target("v5p-3")
+  try:
+    import jax_cuda12_plugin  # noqa: F401
+  except ImportError:
+    with pytest.raises(topologies.TopologyError, match=r"compile-gpu"):
+      topologies.target("h100-8")
+  else:
+    h100 = topologies.target("h100-8")
+    assert len(h100.devices) == 8 and h100.device_kind.startswith("NVIDIA H100")
+
+
+def _nmm_compile(*flags):
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  return subprocess.run([sys.executable, "-m", "nmm_jax.compile", *flags], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_cli_compiles_a_paper_config_for_a_v5p_slice():
+  """The smallest paper model on v5p-8 (4 chips, FSDP): fits, with the JSON fields; libtpu's
+  start-up warnings stay hidden."""
+  result = _nmm_compile("--config=configs/paper.py:early-275m", "--topology=v5p-8",
+                        "--per_chip_batch=2", "--noflops", "--config.mesh.data=1",
+                        "--config.mesh.fsdp=-1")
+  assert result.returncode == 0, result.stderr[-3000:]
+  r = json.loads(result.stdout.strip().splitlines()[-1])
+  assert set(JSON_FIELDS) <= set(r)
+  assert r["device_kind"] == "TPU v5" and r["chips"] == 4 and r["fits"]
+  assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}
+  assert r["hbm_bytes"] == 95 * 2 ** 30
+  # f32 parameters (4 bytes each) split four ways.
+  assert abs(r["param_bytes"] - r["params"]) < 1e5
+  # Weights are cast to bf16 where they are stored, so FSDP's gathers move bf16.
+  gathers = {c["kind"]: c for c in r["collectives"]}["all-gather"]
+  assert gathers["dtypes"].get("bf16", 0) > 0.9 * gathers["bytes"]
+  assert "TPU_WORKER_HOSTNAMES" not in result.stderr and "libtpu" not in result.stderr
+  assert "peak estimate" in result.stdout
+
+
+def test_cli_errors_are_one_line():
+  result = _nmm_compile("--config=configs/tiny.py", "--topology=v9-8")
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1].startswith("nmm-compile: unknown topology")
+  result = _nmm_compile("--config=configs/tiny.py", "--topology=cpu-8", "--per_chip_batch=1",
+                        "--config.mesh.fsdp=3")
+  assert result.returncode != 0 and "config.mesh" in result.stderr
+
+
+def test_plain_start_up_is_quiet():
+  """libtpu is installed (test extra) but no TPU is attached: importing the package and
+  starting JAX prints nothing."""
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  result = subprocess.run([sys.executable, "-c", "import nmm_jax, jax; print(jax.devices())"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0 and "CpuDevice" in result.stdout
+  assert result.stderr == ""
