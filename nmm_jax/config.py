@@ -3,6 +3,8 @@
 Experiment files in configs/ call `base_config()` and change what they need. `validate` runs
 before any model is built or compiled and raises ConfigError naming the offending key.
 """
+import copy
+
 import ml_collections
 
 FUSIONS = ("early", "late")
@@ -124,6 +126,18 @@ def base_config() -> ml_collections.ConfigDict:
   )
   c.checkpoint = dict(every_steps=100, keep=3, async_save=True)
   return c
+
+
+def with_values(config: ml_collections.ConfigDict, **values) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted keys set: with_values(c, **{"train.steps": 5})."""
+  config = copy.deepcopy(config)
+  for key, value in values.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
 
 
 def _fail(key, message):

@@ -28,14 +28,8 @@ def load_config(name: str):
 
 def tiny_config(**overrides):
   """configs/tiny.py with dotted-key overrides, e.g. tiny_config(**{"train.steps": 5})."""
-  config = load_config("tiny")
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  from nmm_jax.config import with_values
+  return with_values(load_config("tiny"), **overrides)
 
 
 def model_param_count(model_cfg) -> int:

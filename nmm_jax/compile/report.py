@@ -3,7 +3,6 @@ compiled program says about it: memory per chip, FLOPs, collectives, compile tim
 
 The step is the one the training loop runs (train/program.py): same shardings, donation, remat.
 """
-import copy
 import math
 import time
 
@@ -16,18 +15,6 @@ from nmm_jax.compile import hlo
 from nmm_jax.data import pipeline
 from nmm_jax.scaling import flops
 from nmm_jax.train import program as program_lib
-
-
-def _with(config, **values):
-  """A copy of `config` with dotted keys set."""
-  config = copy.deepcopy(config)
-  for key, value in values.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
 
 
 def default_per_chip_batch(config, target) -> int:
@@ -58,7 +45,7 @@ def compile_step(config, target, per_chip_batch: int, count_flops: bool = False)
   """
   chips = len(target.devices)
   batch = per_chip_batch * chips
-  config = _with(config, **{"train.batch_size": batch})
+  config = config_lib.with_values(config, **{"train.batch_size": batch})
   mesh_shape = config_lib.validate(config, chips)
   mesh = sharding.make_mesh(mesh_shape, target.devices)
   num_sources = len(pipeline.source_names(config))
@@ -105,8 +92,9 @@ def unrolled_flops(config, target, per_chip_batch: int):
   batch = per_chip_batch * len(target.devices)
   m = config.model
   depth = max(m.num_layers, m.vision.num_layers if m.fusion == "late" else 1)
-  config = _with(config, **{"model.scan_unroll": depth, "train.loss_chunk": config.data.seq_len,
-                            "train.batch_size": batch})
+  config = config_lib.with_values(config, **{"model.scan_unroll": depth,
+                                             "train.loss_chunk": config.data.seq_len,
+                                             "train.batch_size": batch})
   mesh = sharding.make_mesh(config_lib.validate(config, len(target.devices)), target.devices)
   program = program_lib.build(config, mesh, len(pipeline.source_names(config)))
   cost = program_lib.lower_train_step(program, config, batch).compile().cost_analysis()

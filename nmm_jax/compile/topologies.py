@@ -96,6 +96,9 @@ def _tpu(name: str, generation: str, count: int) -> Target:
     raise TopologyError(f"{name}: compiling for TPUs needs libtpu: pip install -e '.[test]' "
                         f"(or jax[tpu] at the pinned version)") from None
   from jax.experimental import topologies
+  # Compile-only devices open no chip: several compiles may run at once (libtpu otherwise
+  # allows one process per machine, by a lock file).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   with _quiet_stderr():
     devices = topologies.get_topology_desc(platform="tpu", topology_name=f"{prefix}:{grid}").devices
   return Target(name, list(devices), devices[0].device_kind, hbm, "tpu")

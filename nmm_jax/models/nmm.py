@@ -163,8 +163,8 @@ class NMM(nnx.Module):
     return self._head(self(batch))
 
   def _head(self, hidden_BxLxD):
-    return jnp.einsum("bld,dv->blv", hidden_BxLxD, self.head_weight_DxV().astype(hidden_BxLxD.dtype),
-                      preferred_element_type=jnp.float32)
+    head_DxV = self.head_weight_DxV().astype(hidden_BxLxD.dtype)
+    return jnp.einsum("bld,dv->blv", hidden_BxLxD, head_DxV, preferred_element_type=jnp.float32)
 
   # Decoding with a key/value cache. The prompt is left-padded (padding first, segment id 0), so
   # every sequence of the batch writes its next token at the same cache position.
