@@ -86,6 +86,20 @@ def _updates(config, batch):
   return updates
 
 
+def _grads(config, batch):
+  graphdef, params = nnx.split(NMM(config.model, rngs=nnx.Rngs(0)))
+  return jax.jit(jax.grad(lambda p: jnp.mean(nnx.merge(graphdef, p).logits(batch) ** 2)))(params)
+
+
+@pytest.mark.parametrize("overrides", [{"model.remat": "full"}, {"model.scan_unroll": 4}])
+def test_encoder_remat_and_unroll_keep_the_gradients(batch, overrides):
+  """model.remat and model.scan_unroll reach the ViT's blocks too; gradients stay the same."""
+  want = _grads(late_config("input_concat"), batch)
+  got = _grads(late_config("input_concat", **overrides), batch)
+  for g, w in zip(jax.tree.leaves(got["vision"]), jax.tree.leaves(want["vision"])):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
 def test_encoder_learning_rate_scale_and_freeze(batch):
   full = _updates(late_config("none"), batch)
   half = _updates(late_config("none", **{"model.vision.lr_scale": 0.5}), batch)

@@ -11,7 +11,7 @@ import numpy as np
 
 from nmm_jax import config as config_lib
 from nmm_jax import sharding
-from nmm_jax.compile import hlo
+from nmm_jax.compile import hlo, topologies
 from nmm_jax.data import pipeline
 from nmm_jax.scaling import flops
 from nmm_jax.train import program as program_lib
@@ -53,7 +53,8 @@ def compile_step(config, target, per_chip_batch: int, count_flops: bool = False)
 
   start = time.perf_counter()
   lowered = program_lib.lower_train_step(program, config, batch)
-  compiled = lowered.compile()
+  with topologies.quiet_stderr():
+    compiled = lowered.compile()
   compile_s = time.perf_counter() - start
 
   memory = compiled.memory_analysis()
@@ -97,7 +98,9 @@ def unrolled_flops(config, target, per_chip_batch: int):
                                              "train.batch_size": batch})
   mesh = sharding.make_mesh(config_lib.validate(config, len(target.devices)), target.devices)
   program = program_lib.build(config, mesh, len(pipeline.source_names(config)))
-  cost = program_lib.lower_train_step(program, config, batch).compile().cost_analysis()
+  lowered = program_lib.lower_train_step(program, config, batch)
+  with topologies.quiet_stderr():
+    cost = lowered.compile().cost_analysis()
   if isinstance(cost, list):
     cost = cost[0] if cost else None
   return float(cost["flops"]) if cost and "flops" in cost else None

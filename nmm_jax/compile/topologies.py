@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import sys
 import tempfile
 
 import jax
@@ -67,9 +68,11 @@ def _product(shape):
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
-  """libtpu prints alarming start-up warnings (no TPU attached, no worker hostnames) from C++ to
-  file descriptor 2; they are shown only if the call fails."""
+def quiet_stderr():
+  """Output of C++ code to file descriptor 2, shown only if the call fails: libtpu's alarming
+  start-up warnings (no TPU attached, no worker hostnames), and XLA's compile warnings for
+  targets it cannot see (no deviceless CUB data; rematerialisation that could not reach its
+  goal, which nmm-compile's own peak and fit report say plainly)."""
   with tempfile.TemporaryFile(mode="w+") as captured:
     saved = os.dup(2)
     os.dup2(captured.fileno(), 2)
@@ -78,7 +81,7 @@ def _quiet_stderr():
     except Exception:
       os.dup2(saved, 2)
       captured.seek(0)
-      print(captured.read(), end="", file=os.sys.stderr)
+      print(captured.read(), end="", file=sys.stderr)
       raise
     finally:
       os.dup2(saved, 2)
@@ -99,7 +102,7 @@ def _tpu(name: str, generation: str, count: int) -> Target:
   # Compile-only devices open no chip: several compiles may run at once (libtpu otherwise
   # allows one process per machine, by a lock file).
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  with _quiet_stderr():
+  with quiet_stderr():
     devices = topologies.get_topology_desc(platform="tpu", topology_name=f"{prefix}:{grid}").devices
   return Target(name, list(devices), devices[0].device_kind, hbm, "tpu")
 
@@ -115,7 +118,7 @@ def _h100(name: str, count: int) -> Target:
   from jax.experimental import topologies
   with open(H100_CONFIG) as f:
     target_config = f.read()
-  with _quiet_stderr():
+  with quiet_stderr():
     devices = topologies.get_topology_desc("1x1x8", platform="cuda", target_config=target_config,
                                            topology="1x1x8").devices
   hbm = int(re.search(r"device_memory_size:\s*(\d+)", target_config).group(1))

@@ -8,14 +8,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nmm_jax.models.attention import Attention
-from nmm_jax.models.layers import RMSNorm, SwiGLU, rope_tables, stacked
+from nmm_jax.models.layers import REMAT_POLICIES, RMSNorm, SwiGLU, rope_tables, stacked
 from nmm_jax.models.moe import MoEMLP
 
-REMAT_POLICIES = {
-    "none": None,  # no rematerialisation: fastest when activations fit
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 class DecoderBlock(nnx.Module):

@@ -11,6 +11,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+# model.remat: what a layer keeps for the backward pass (the decoder's and the ViT's blocks).
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: fastest when activations fit
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 def make_param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Sequence[str | None],
                dtype=jnp.float32) -> nnx.Param:
   """A parameter that carries its logical axis names (mapped to the mesh by `sharding.py`).

@@ -51,7 +51,7 @@ class NMM(nnx.Module):
       v = cfg.vision
       self.freeze_vision = v.freeze
       self.vision = VisionEncoder(v, patch_dim, eps=cfg.norm_eps, param_dtype=dtype, rngs=rngs,
-                                  scan_unroll=cfg.scan_unroll)
+                                  scan_unroll=cfg.scan_unroll, remat=cfg.remat)
       self.input_layers, self.injected = vision_layer_plan(cfg)
       self.connector = MLP(len(self.input_layers) * v.d_model, cfg.d_model, cfg.d_model,
                            param_dtype=dtype, rngs=rngs)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nmm_jax.models.layers import fan_in_init, make_param, stacked
+from nmm_jax.models.layers import REMAT_POLICIES, fan_in_init, make_param, stacked
 
 _MASKED = -1e30
 
@@ -82,14 +82,15 @@ class VisionEncoder(nnx.Module):
   """Patches -> the hidden states after every block, [J, N, P, W] (layer j = after block j)."""
 
   def __init__(self, v, patch_dim: int, *, eps: float, param_dtype, rngs: nnx.Rngs,
-               scan_unroll: int = 1):
+               scan_unroll: int = 1, remat: str = "none"):
     self.patch_embed_CxW = make_param(rngs, fan_in_init(), (patch_dim, v.d_model),
                                       (None, "embed"), param_dtype)
     self.pos_embed_PxW = make_param(rngs, nnx.initializers.normal(0.02),
                                     (v.num_patches, v.d_model), (None, "embed"), param_dtype)
     self.pre_norm = LayerNorm(v.d_model, eps=eps, param_dtype=param_dtype, rngs=rngs)
-    # model.scan_unroll, as for the decoder (layers per scan iteration).
-    self.scan_unroll, self.num_layers = scan_unroll, v.num_layers
+    # model.scan_unroll and model.remat, as for the decoder: a late model's images are a large
+    # share of its activations (4 images of 256 patches beside 2,048 tokens in configs/paper.py).
+    self.scan_unroll, self.remat, self.num_layers = scan_unroll, remat, v.num_layers
     self.blocks = stacked(
         v.num_layers, lambda r: VisionBlock(v, eps=eps, param_dtype=param_dtype, rngs=r), rngs)
 
@@ -102,6 +103,9 @@ class VisionEncoder(nnx.Module):
     def apply_block(x, block):
       x = block(x)
       return x, x
+
+    if self.remat != "none":
+      apply_block = nnx.remat(apply_block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
 
     scan = nnx.scan(apply_block, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
                     unroll=min(self.scan_unroll, self.num_layers),
