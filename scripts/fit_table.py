@@ -73,27 +73,32 @@ def measure(spec, target, search):
 
 
 def render(path):
+  """One row per config; per topology: fits at batch 256 (and the per-chip peak there), the
+  largest per-chip batch (and its peak), the compile time of one step."""
   with open(path) as f:
     rows = {(r["spec"], r["topology"]): r for r in map(json.loads, filter(str.strip, f))}
   topologies = list(dict.fromkeys(t for _, t in rows))
-  print("| config | " + " | ".join(f"{t}: batch 256 | {t}: max / chip" for t in topologies) + " |")
-  print("|---|" + "---|---|" * len(topologies))
+  header = ["config"]
+  for t in topologies:
+    chips = next(r["chips"] for (_, tt), r in rows.items() if tt == t)
+    header += [f"{t}: batch 256 ({256 // chips if chips <= 256 else 1}/chip)",
+               f"{t}: max/chip", f"{t}: compile"]
+  print("| " + " | ".join(header) + " |")
+  print("|" + "---|" * len(header))
   for spec in all_specs():
-    cells = []
+    cells = [spec.split(":")[1]]
     for t in topologies:
       r = rows.get((spec, t))
       if r is None:
-        cells += ["not compiled", ""]
+        cells += ["not compiled yet", "", ""]
         continue
-      gib = r["paper_peak_bytes"] / 2 ** 30
-      cells.append(f"{'fits' if r['paper_fits'] else '**no**'} {gib:.1f} GiB "
-                   f"({r['compile_s']:.0f} s)")
-      if "max_per_chip_batch" in r:
-        peak = f", {r['max_peak_bytes'] / 2 ** 30:.1f} GiB" if r["max_per_chip_batch"] else ""
-        cells.append(f"{r['max_per_chip_batch']}{peak}")
-      else:
-        cells.append("")
-    print(f"| {spec.split(':')[1]} | " + " | ".join(cells) + " |")
+      cells.append(f"{'fits' if r['paper_fits'] else '**no**'}, "
+                   f"{r['paper_peak_bytes'] / 2 ** 30:.1f} GiB")
+      best = r.get("max_per_chip_batch")
+      cells.append("" if best is None else
+                   f"{best}, {r['max_peak_bytes'] / 2 ** 30:.1f} GiB" if best else "0")
+      cells.append(f"{r['compile_s']:.0f} s")
+    print("| " + " | ".join(cells) + " |")
 
 
 def main(argv):
