@@ -54,7 +54,7 @@ def test_every_config_compiles_for_cpu8(spec, cpu8):
   config = _config_file(spec)
   r = report.compile_step(config, cpu8, per_chip_batch=1)
   assert r["peak_bytes"] > r["param_bytes"] + r["optimizer_bytes"] > 0
-  assert r["global_batch"] == 8 and r["chips"] == 8
+  assert r["global_batch"] == 8 and r["chips"] == 8 and not r["compiler_refused"]
 
 
 def test_fsdp_report_equals_hand_counts(cpu8):
@@ -102,6 +102,16 @@ def test_max_batch_is_the_largest_that_fits(cpu8):
   best, r = report.max_per_chip_batch(config, small, log=lambda *a: None)
   assert best > 2 and r["fits"] and r["per_chip_batch"] == best
   assert not report.compile_step(config, small, best + 1)["fits"]
+
+
+def test_a_program_the_tpu_compiler_refuses_does_not_fit():
+  """48 sequences of 2,048 tokens per 16 GiB v5e chip: the TPU compiler refuses the program;
+  the report says it does not fit, with the temporaries the compiler asked for."""
+  config = _config_file("paper:early-275m")
+  r = report.compile_step(config, topologies.target("v5e-4"), per_chip_batch=48)
+  assert r["compiler_refused"] and not r["fits"]
+  assert r["temp_bytes"] > r["hbm_bytes"] and r["peak_bytes"] > r["temp_bytes"]
+  assert r["argument_bytes"] > r["param_bytes"] + r["optimizer_bytes"]
 
 
 def test_collectives_count_loop_trips():

@@ -80,6 +80,11 @@ def describe(r) -> str:
   else:
     lines.append(f"FLOPs per chip: model {model:.3e} (no compiled count: --noflops, or the "
                  f"backend has no cost analysis)")
+  if r["compiler_refused"]:
+    lines.append("the compiler refused the program: its temporaries exceed the chip's HBM "
+                 "(the temporaries above are what it asked for)")
+    lines.append(f"compile {r['compile_s']:.1f} s")
+    return "\n".join(lines)
   lines.append("collectives per step (runs: ops x loop trips; bytes: results moved per chip):")
   for c in r["collectives"] or [{"kind": "none", "count": 0, "executed": 0, "bytes": 0}]:
     lines.append(f"  {c['kind']:20s} {c['count']:4d} ops {c['executed']:6d} runs "

@@ -3,7 +3,9 @@ compiled program says about it: memory per chip, FLOPs, collectives, compile tim
 
 The step is the one the training loop runs (train/program.py): same shardings, donation, remat.
 """
+import collections
 import math
+import re
 import time
 
 import jax
@@ -15,6 +17,12 @@ from nmm_jax.compile import hlo, topologies
 from nmm_jax.data import pipeline
 from nmm_jax.scaling import flops
 from nmm_jax.train import program as program_lib
+
+
+# "Ran out of memory on HBM, the total memory required for HLO temporaries (32.80G) exceeds ..."
+_OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED: Ran out of memory.*?temporaries \(([\d.]+)G\)")
+_Memory = collections.namedtuple("_Memory", "argument_size_in_bytes output_size_in_bytes "
+                                 "alias_size_in_bytes temp_size_in_bytes")
 
 
 def default_per_chip_batch(config, target) -> int:
@@ -53,12 +61,23 @@ def compile_step(config, target, per_chip_batch: int, count_flops: bool = False)
 
   start = time.perf_counter()
   lowered = program_lib.lower_train_step(program, config, batch)
+  state = program.abstract_state()
   with topologies.quiet_stderr():
-    compiled = lowered.compile()
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+      # The TPU compiler refuses a program whose temporaries exceed the chip's HBM.
+      required = _OUT_OF_MEMORY.search(str(e))
+      if not required:
+        raise
+      compiled, temp = None, int(float(required.group(1)) * 2 ** 30)
   compile_s = time.perf_counter() - start
 
-  memory = compiled.memory_analysis()
-  state = program.abstract_state()
+  if compiled is None:
+    arguments = shard_bytes(state) + shard_bytes(program_lib.abstract_batch(program, config, batch))
+    memory = _Memory(arguments, arguments, arguments, temp)
+  else:
+    memory = compiled.memory_analysis()
   peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
           - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
   model_flops = flops.train_flops_per_sequence(config.model, config.data.seq_len,
@@ -79,10 +98,13 @@ def compile_step(config, target, per_chip_batch: int, count_flops: bool = False)
       "margin_bytes": target.hbm_bytes - peak,
       "model_flops_per_chip": model_flops / chips,
       "compiled_flops_per_chip": None,
-      "collectives": hlo.collectives(compiled.as_text()),
+      "collectives": hlo.collectives(compiled.as_text()) if compiled is not None else None,
       "compile_s": round(compile_s, 2),
   }
-  if count_flops:
+  report["compiler_refused"] = compiled is None
+  if compiled is None:
+    report["fits"] = False  # whatever the estimate: the compiler said so
+  if count_flops and compiled is not None:
     report["compiled_flops_per_chip"] = unrolled_flops(config, target, per_chip_batch)
   return report
 

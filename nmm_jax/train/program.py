@@ -80,9 +80,14 @@ def build(config, mesh, num_sources: int, batch_ndims=None) -> TrainProgram:
                       eval_step=sharding.traced_under(mesh, eval_step))
 
 
+def abstract_batch(program: TrainProgram, config, batch_size: int) -> dict:
+  """A global batch of `batch_size` rows as ShapeDtypeStructs in the program's shardings."""
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=program.batch_shardings[k])
+          for k, (shape, dtype) in batch_shapes(config, batch_size,
+                                                tuple(program.batch_shardings)).items()}
+
+
 def lower_train_step(program: TrainProgram, config, batch_size: int):
   """The train step lowered for a global batch of `batch_size` rows, from shapes only."""
-  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=program.batch_shardings[k])
-           for k, (shape, dtype) in batch_shapes(config, batch_size,
-                                                 tuple(program.batch_shardings)).items()}
-  return program.train_step.lower(program.abstract_state(), batch)
+  return program.train_step.lower(program.abstract_state(),
+                                  abstract_batch(program, config, batch_size))
