@@ -10,7 +10,6 @@ they finish, so an interrupted run continues where it stopped. The mesh shards p
 as many chips as divide d_model (fsdp = gcd(chips, d_model)) and data-parallelises the rest.
 """
 import os
-import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import json  # noqa: E402

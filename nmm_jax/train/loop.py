@@ -3,7 +3,6 @@
 Stopping (SIGTERM) saves a checkpoint and returns; running the same command again resumes from
 the latest checkpoint, data-iterator position included.
 """
-import functools
 import signal
 import time
 
