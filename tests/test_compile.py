@@ -158,6 +158,9 @@ def test_topology_names():
   else:
     h100 = topologies.target("h100-8")
     assert len(h100.devices) == 8 and h100.device_kind.startswith("NVIDIA H100")
+    assert len(topologies.target("h100-16").devices) == 16  # two hosts
+    r = report.compile_step(tiny_config(), h100, per_chip_batch=1)
+    assert r["fits"] and r["hbm_bytes"] == 84978434048 and r["compiled_flops_per_chip"] is None
 
 
 def _nmm_compile(*flags):

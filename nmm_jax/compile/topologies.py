@@ -28,7 +28,7 @@ TPU_GENERATIONS = {
     "v6e": ("v6e", 1, 32 * GIB, 2),
 }
 H100_CONFIG = os.path.join(os.path.dirname(__file__), "h100_sxm.txtpb")
-NAMES = "v4-N, v5p-N, v5e-N, v6e-N (Cloud TPU slice names), h100-8, cpu-N"
+NAMES = "v4-N, v5p-N, v5e-N, v6e-N (Cloud TPU slice names), h100-8 (-16, ...: hosts of 8), cpu-N"
 
 
 class TopologyError(ValueError):
@@ -108,8 +108,8 @@ def _tpu(name: str, generation: str, count: int) -> Target:
 
 
 def _h100(name: str, count: int) -> Target:
-  if count != 8:
-    raise TopologyError(f"{name}: one 8-GPU host (h100-8) is what the CUDA plugin compiles for")
+  if count % 8:
+    raise TopologyError(f"{name}: H100s come in hosts of 8 (h100-8, h100-16, ...)")
   try:
     import jax_cuda12_plugin  # noqa: F401
   except ImportError:
@@ -119,8 +119,9 @@ def _h100(name: str, count: int) -> Target:
   with open(H100_CONFIG) as f:
     target_config = f.read()
   with quiet_stderr():
-    devices = topologies.get_topology_desc("1x1x8", platform="cuda", target_config=target_config,
-                                           topology="1x1x8").devices
+    hosts = f"{count // 8}x1x8"  # hosts x 1 x GPUs per host, NVLink inside a host
+    devices = topologies.get_topology_desc(hosts, platform="cuda", target_config=target_config,
+                                           topology=hosts).devices
   hbm = int(re.search(r"device_memory_size:\s*(\d+)", target_config).group(1))
   return Target(name, list(devices), devices[0].device_kind, hbm, "cuda")
 
