@@ -1,13 +1,15 @@
 r"""The fit tables of README.md and docs/models.md: every configs/paper.py member and the
 configs/large.py ones, compiled by nmm-compile's functions for v5p-64, v6e-256 and h100-8.
 
-  .venv/bin/python scripts/fit_table.py --out=fit_table.jsonl [--topologies=v5p-64,h100-8]
-  .venv/bin/python scripts/fit_table.py --out=fit_table.jsonl --render   # the Markdown table
+  .venv/bin/python scripts/fit_table.py [--out=docs/fit_table.jsonl] [--topologies=v5p-64,h100-8]
+  .venv/bin/python scripts/fit_table.py --render   # the Markdown table of docs/fit_table.jsonl
 
 Each cell compiles the train step at the paper's batch (256 sequences over the chips) and then
 searches the largest per-chip batch (report.max_per_chip_batch). Rows are appended to --out as
-they finish, so an interrupted run continues where it stopped. The mesh shards parameters over
-as many chips as divide d_model (fsdp = gcd(chips, d_model)) and data-parallelises the rest.
+they finish, so an interrupted run continues where it stopped; docs/fit_table.jsonl holds the
+rows behind the README's table; --redo compiles cells again (e.g. --nosearch cells, which have no
+max/chip yet), and the last row of a cell wins. The mesh shards parameters over as many chips
+as divide d_model (fsdp = gcd(chips, d_model)) and data-parallelises the rest.
 """
 import os
 
@@ -17,11 +19,14 @@ import math  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
-_OUT = flags.DEFINE_string("out", "fit_table.jsonl", "Rows, one JSON object per cell.")
+_OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                               "docs", "fit_table.jsonl"),
+                           "Rows, one JSON object per cell.")
 _TOPOLOGIES = flags.DEFINE_list("topologies", ["v5p-64", "v6e-256", "h100-8"], "Targets.")
 _SPECS = flags.DEFINE_list("specs", None, "FILE:MEMBER cells (default: every member).")
 _SEARCH = flags.DEFINE_bool("search", True, "Also find the largest per-chip batch.")
 _RENDER = flags.DEFINE_bool("render", False, "Print the Markdown table of --out and exit.")
+_REDO = flags.DEFINE_bool("redo", False, "Compile cells that --out already has, again.")
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 PAPER_BATCH = 256
@@ -108,7 +113,7 @@ def main(argv):
   from absl import logging
   logging.set_verbosity(logging.WARNING)
   from nmm_jax.compile import topologies
-  done = _done(_OUT.value)
+  done = set() if _REDO.value else _done(_OUT.value)
   for name in _TOPOLOGIES.value:
     target = topologies.target(name)
     for spec in _SPECS.value or all_specs():
