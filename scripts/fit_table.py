@@ -19,8 +19,8 @@ import math  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
-_OUT = flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
-                                               "docs", "fit_table.jsonl"),
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+_OUT = flags.DEFINE_string("out", os.path.join(ROOT, "docs", "fit_table.jsonl"),
                            "Rows, one JSON object per cell.")
 _TOPOLOGIES = flags.DEFINE_list("topologies", ["v5p-64", "v6e-256", "h100-8"], "Targets.")
 _SPECS = flags.DEFINE_list("specs", None, "FILE:MEMBER cells (default: every member).")
@@ -28,25 +28,22 @@ _SEARCH = flags.DEFINE_bool("search", True, "Also find the largest per-chip batc
 _RENDER = flags.DEFINE_bool("render", False, "Print the Markdown table of --out and exit.")
 _REDO = flags.DEFINE_bool("redo", False, "Compile cells that --out already has, again.")
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 PAPER_BATCH = 256
 
 
 def _family(name):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  """(SPECS, REFERENCE_PARAMS, get_config) of configs/NAME.py."""
+  from nmm_jax.scaling.param_table import load_family
+  return load_family(os.path.join(ROOT, "configs", f"{name}.py"))
 
 
 def all_specs():
-  return [f"{f}:{m}" for f in ("paper", "large") for m in _family(f).SPECS]
+  return [f"{f}:{m}" for f in ("paper", "large") for m in _family(f)[0]]
 
 
 def config_for(spec, chips):
   name, _, member = spec.partition(":")
-  config = _family(name).get_config(member)
+  config = _family(name)[2](member)
   fsdp = math.gcd(chips, config.model.d_model)
   config.mesh.update(data=chips // fsdp, fsdp=fsdp, tensor=1, expert=1)
   return config
