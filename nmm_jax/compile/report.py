@@ -45,6 +45,15 @@ def shard_bytes(abstract_tree) -> int:
   return total
 
 
+def _program(config, target, batch: int, **values):
+  """(the config at this global batch and `values`, its mesh shape, its TrainProgram over the
+  target's devices)."""
+  config = config_lib.with_values(config, **{"train.batch_size": batch, **values})
+  mesh_shape = config_lib.validate(config, len(target.devices))
+  mesh = sharding.make_mesh(mesh_shape, target.devices)
+  return config, mesh_shape, program_lib.build(config, mesh, len(pipeline.source_names(config)))
+
+
 def compile_step(config, target, per_chip_batch: int, count_flops: bool = False) -> dict:
   """Compiles the train step of `config` for `target` at `per_chip_batch` sequences per chip.
 
@@ -53,12 +62,7 @@ def compile_step(config, target, per_chip_batch: int, count_flops: bool = False)
   """
   chips = len(target.devices)
   batch = per_chip_batch * chips
-  config = config_lib.with_values(config, **{"train.batch_size": batch})
-  mesh_shape = config_lib.validate(config, chips)
-  mesh = sharding.make_mesh(mesh_shape, target.devices)
-  num_sources = len(pipeline.source_names(config))
-  program = program_lib.build(config, mesh, num_sources)
-
+  config, mesh_shape, program = _program(config, target, batch)
   start = time.perf_counter()
   lowered = program_lib.lower_train_step(program, config, batch)
   state = program.abstract_state()
@@ -94,16 +98,16 @@ def compile_step(config, target, per_chip_batch: int, count_flops: bool = False)
       "output_bytes": memory.output_size_in_bytes,
       "alias_bytes": memory.alias_size_in_bytes,
       "temp_bytes": memory.temp_size_in_bytes,
-      "peak_bytes": peak, "hbm_bytes": target.hbm_bytes, "fits": peak <= target.hbm_bytes,
+      # A program the compiler refused does not fit, whatever the estimate says.
+      "peak_bytes": peak, "hbm_bytes": target.hbm_bytes,
+      "fits": compiled is not None and peak <= target.hbm_bytes,
       "margin_bytes": target.hbm_bytes - peak,
       "model_flops_per_chip": model_flops / chips,
       "compiled_flops_per_chip": None,
       "collectives": hlo.collectives(compiled.as_text()) if compiled is not None else None,
       "compile_s": round(compile_s, 2),
+      "compiler_refused": compiled is None,
   }
-  report["compiler_refused"] = compiled is None
-  if compiled is None:
-    report["fits"] = False  # whatever the estimate: the compiler said so
   if count_flops and compiled is not None:
     report["compiled_flops_per_chip"] = unrolled_flops(config, target, per_chip_batch)
   return report
@@ -115,11 +119,8 @@ def unrolled_flops(config, target, per_chip_batch: int):
   batch = per_chip_batch * len(target.devices)
   m = config.model
   depth = max(m.num_layers, m.vision.num_layers if m.fusion == "late" else 1)
-  config = config_lib.with_values(config, **{"model.scan_unroll": depth,
-                                             "train.loss_chunk": config.data.seq_len,
-                                             "train.batch_size": batch})
-  mesh = sharding.make_mesh(config_lib.validate(config, len(target.devices)), target.devices)
-  program = program_lib.build(config, mesh, len(pipeline.source_names(config)))
+  config, _, program = _program(config, target, batch, **{"model.scan_unroll": depth,
+                                                          "train.loss_chunk": config.data.seq_len})
   lowered = program_lib.lower_train_step(program, config, batch)
   with topologies.quiet_stderr():
     cost = lowered.compile().cost_analysis()
