@@ -1,4 +1,5 @@
-r"""Train-step benchmark shape: a text-only decoder (vocab 32768, d 512, 4 layers, seq 512, batch 8).
+r"""Train-step benchmark shape: a text-only decoder (vocab 32768, d 512, 4 layers, seq 512,
+batch 8).
 
   python -m nmm_jax.bench --config=configs/bench.py
   # with images (4 per row, 64 patches each), early or late fusion:

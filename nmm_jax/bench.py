@@ -13,6 +13,8 @@ import numpy as np
 from absl import app, logging
 from ml_collections import config_flags
 
+from nmm_jax.data import batch as batch_lib
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench.py", "Benchmark config.",
                                           lock_config=True)
 
@@ -21,13 +23,12 @@ def text_batch(config, seed: int = 0):
   """A full text-only batch: one document per row, every position scored."""
   b, l = config.train.batch_size, config.data.seq_len
   rng = np.random.default_rng(seed)
-  tokens = rng.integers(0, config.model.vocab_size, size=(b, l + 1)).astype(np.int32)
-  return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-          "loss_mask": np.ones((b, l), np.float32),
-          "segment_ids": np.ones((b, l), np.int32),
-          "positions": np.tile(np.arange(l, dtype=np.int32), (b, 1)),
-          "image_ids": np.full((b, l), -1, np.int32), "patch_ids": np.full((b, l), -1, np.int32),
-          "source": np.zeros((b, l), np.int32)}
+  tokens = rng.integers(0, config.model.vocab_size, size=(b, l + 1))
+  batch = batch_lib.empty(batch_lib.shapes(b, l, keys=batch_lib.TOKEN_KEYS))  # no images
+  batch["tokens"][:], batch["targets"][:] = tokens[:, :-1], tokens[:, 1:]
+  batch["loss_mask"][:], batch["segment_ids"][:], batch["source"][:] = 1, 1, 0
+  batch["positions"][:] = np.arange(l)
+  return batch
 
 
 def image_text_batch(config, images_per_row: int, seed: int = 0):
@@ -69,7 +70,7 @@ def benchmark(config) -> dict:
 
   images_per_row = config.bench.get("images_per_row", 0)
   batch_np = (image_text_batch(config, images_per_row) if images_per_row else text_batch(config))
-  program = program_lib.build(config, mesh, 1, {k: v.ndim for k, v in batch_np.items()})
+  program = program_lib.build(config, mesh, 1, batch_lib.ndims(batch_np))
   state = program.create_state(config)
   batch = {k: jax.device_put(v, program.batch_shardings[k]) for k, v in batch_np.items()}
 

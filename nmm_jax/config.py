@@ -7,28 +7,15 @@ import copy
 
 import ml_collections
 
+from nmm_jax.sharding import DEFAULT_SHARDING_RULES, MESH_AXES, batch_axes, batch_shards
+
 FUSIONS = ("early", "late")
-# How late fusion feeds encoder layers to the decoder (models/nmm.py): "none" = the last layer
+# How late fusion feeds encoder layers to the decoder (models/fusion.py): "none" = the last layer
 # only (plain late fusion); the rest use model.vision_layers.
 VISION_FUSIONS = ("none", "input_concat", "internal_add", "internal_xattn")
 SCHEDULES = ("inverse_sqrt", "cosine")
 REMATS = ("none", "full", "save_dots")
 DTYPES = ("float32", "bfloat16")
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
-
-# Logical axis -> mesh axes (MaxText style). The first matching rule wins; a mesh axis already
-# used by an earlier dimension of the same array is skipped.
-DEFAULT_SHARDING_RULES = (
-    ("batch", ("data", "fsdp", "expert")),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("vocab", "tensor"),
-    ("exp", "expert"),
-    ("layers", None),
-    ("length", None),
-)
 
 
 class ConfigError(ValueError):
@@ -57,7 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
                               # norms, softmax, logits and loss stay f32)
       param_dtype="float32",  # parameters and optimizer moments: always f32 (validate())
       remat="none",           # one of REMATS
-      scan_unroll=1,          # layers per scan iteration; >= num_layers: no loop (faster, longer compile)
+      scan_unroll=1,          # layers per scan iteration; >= num_layers: no loop (faster,
+                              # longer compile)
       # Mixture of experts (models/moe.py): num_experts > 0 makes decoder MLPs MoEs.
       moe=dict(num_experts=0, top_k=1,
                routing="learned",          # or "modality": image experts / text experts
@@ -86,7 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
       max_images=10,          # images per packed sequence
       mixture=dict(caption=0.45, interleaved=0.45, text=0.10),
       num_packing_bins=8,
-      num_workers=0,          # training pipeline worker processes (Grain mp_prefetch); 0: in-process
+      num_workers=0,          # training pipeline worker processes (Grain mp_prefetch);
+                              # 0: in-process
       prefetch=2,             # batches prepared ahead in a background thread; 0: none
       streams=0,              # independent pipelines making the global batch (data/streams.py);
                               # 0: one per process. Fix it to resume under another process count.
@@ -230,21 +219,6 @@ def _validate_late_fusion(c):
              f"is only used by internal_add / internal_xattn, got {targets}")
 
 
-def _validate_init_from_hf(c):
-  from nmm_jax.export import hf  # json only: no transformers needed
-  try:
-    sizes = hf.read_config(c.train.init_from_hf)
-  except (OSError, ValueError) as e:
-    _fail("train.init_from_hf", str(e))
-  differ = {k: (c.model[k], v) for k, v in sizes.items() if c.model[k] != v}
-  _require(not differ, "train.init_from_hf",
-           f"{c.train.init_from_hf} has another decoder shape; set these model keys to the "
-           f"folder's values: " + ", ".join(f"model.{k}={v!r} (config: {ours!r})"
-                                             for k, (ours, v) in differ.items()))
-  _require(not c.model.moe.num_experts, "train.init_from_hf",
-           "an MoE decoder cannot start from a dense Hugging Face model")
-
-
 def resolve_mesh_shape(mesh_cfg, num_devices: int) -> dict:
   """Mesh axis sizes with the one -1 replaced by the devices left over."""
   sizes = {axis: mesh_cfg[axis] for axis in MESH_AXES}
@@ -325,8 +299,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
   _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
   _require(0 <= t.b1 < 1 and 0 <= t.b2 < 1, "train.b1/b2", f"must be in [0, 1), got {t.b1}, {t.b2}")
   _require(t.clip_norm > 0, "train.clip_norm", f"must be positive, got {t.clip_norm}")
-  if t.init_from_hf:
-    _validate_init_from_hf(c)
+  # train.init_from_hf (a folder to read) is checked by export/hf.py's check_init_from, which
+  # the loop calls right after this.
   _positive_int(c, "eval.every_steps")
   _positive_int(c, "eval.num_batches")
   _positive_int(c, "eval.max_new_tokens")
@@ -336,11 +310,18 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
   _positive_int(c, "checkpoint.every_steps")
   _positive_int(c, "checkpoint.keep")
 
+  for rule in c.sharding_rules:
+    _require(len(rule) == 2 and isinstance(rule[0], str), "sharding_rules",
+             f"each rule must be (logical axis, mesh axes), got {rule!r}")
+    physical = (rule[1],) if isinstance(rule[1], str) or rule[1] is None else tuple(rule[1])
+    unknown = [a for a in physical if a is not None and a not in MESH_AXES]
+    _require(not unknown, "sharding_rules",
+             f"rule {tuple(rule)!r} names {unknown}, not mesh axes {MESH_AXES}")
   mesh = resolve_mesh_shape(c.mesh, num_devices)
-  batch_shards = mesh["data"] * mesh["fsdp"] * mesh["expert"]
-  _require(t.batch_size % batch_shards == 0, "train.batch_size",
+  shards = batch_shards(c.sharding_rules, mesh)
+  _require(t.batch_size % shards == 0, "train.batch_size",
            f"{t.batch_size} is not divisible by the batch-sharding mesh axes "
-           f"data*fsdp*expert = {batch_shards}")
+           f"{'*'.join(batch_axes(c.sharding_rules))} = {shards}")
   _require(t.batch_size % num_processes == 0, "train.batch_size",
            f"{t.batch_size} is not divisible by the {num_processes} processes")
   streams = d.streams or num_processes

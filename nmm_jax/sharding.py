@@ -1,4 +1,8 @@
-"""Mesh from config, logical-axis rules -> PartitionSpecs, and shardings for params and batches."""
+"""The mesh vocabulary (axis names, the default logical-axis rules, the batch axes), mesh from
+config, logical-axis rules -> PartitionSpecs, and shardings for params and batches."""
+import contextlib
+import contextvars
+import math
 from typing import Sequence
 
 import jax
@@ -6,7 +10,51 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from nmm_jax.config import MESH_AXES
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+# Logical axis -> mesh axes (MaxText style). The first matching rule wins; a mesh axis already
+# used by an earlier dimension of the same array is skipped.
+DEFAULT_SHARDING_RULES = (
+    ("batch", ("data", "fsdp", "expert")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("exp", "expert"),
+    ("layers", None),
+    ("length", None),
+)
+
+# The rules of the program being traced (traced_under sets them): layers that lay out their own
+# computation, such as the MoE layer's shard_map, read them at trace time.
+_TRACED_RULES = contextvars.ContextVar("traced_rules", default=DEFAULT_SHARDING_RULES)
+
+
+def _first_match(rules, logical: str):
+  for name, physical in rules:
+    if name == logical:
+      return physical
+  return None
+
+
+def batch_axes(rules) -> tuple[str, ...]:
+  """The mesh axes the batch (and every per-token activation) is split over: the rules' "batch"
+  entry, in order."""
+  physical = _first_match(rules, "batch")
+  if physical is None:
+    return ()
+  return (physical,) if isinstance(physical, str) else tuple(physical)
+
+
+def batch_shards(rules, mesh_shape: dict) -> int:
+  """How many parts the batch is split into on a mesh of these axis sizes."""
+  return math.prod(mesh_shape[a] for a in batch_axes(rules))
+
+
+def traced_rules():
+  """The logical-axis rules of the program being traced (the default rules outside one)."""
+  return _TRACED_RULES.get()
 
 
 def make_mesh(mesh_shape: dict, devices=None) -> Mesh:
@@ -58,20 +106,34 @@ def batch_shardings(ndims: dict, mesh: Mesh, rules) -> dict:
 
 
 class traced_under:
-  """`jitted`, called (or lowered) with `mesh` as the context mesh, which is what the MoE layers'
-  shard_map runs over. Only around the step: nnx.eval_shape under a context mesh would read the
-  params' logical axis names as mesh axes."""
+  """`jitted`, called (or lowered) with `mesh` as the context mesh and `rules` as the traced
+  rules, which is what the MoE layers' shard_map runs over. Only around the step: nnx.eval_shape
+  under a context mesh would read the params' logical axis names as mesh axes."""
 
-  def __init__(self, mesh: Mesh, jitted):
-    self.mesh, self.jitted = mesh, jitted
+  def __init__(self, mesh: Mesh, jitted, rules=DEFAULT_SHARDING_RULES):
+    self.mesh, self.jitted, self.rules = mesh, jitted, rules
+
+  @contextlib.contextmanager
+  def _context(self):
+    token = _TRACED_RULES.set(tuple(self.rules))
+    try:
+      with jax.set_mesh(self.mesh):
+        yield
+    finally:
+      _TRACED_RULES.reset(token)
 
   def __call__(self, *args):
-    with jax.set_mesh(self.mesh):
+    with self._context():
       return self.jitted(*args)
 
   def lower(self, *args):
-    with jax.set_mesh(self.mesh):
+    with self._context():
       return self.jitted.lower(*args)
+
+
+def place_batch(batch: dict, shardings: dict) -> dict:
+  """Process-local numpy batch -> global jax arrays in their batch shardings."""
+  return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

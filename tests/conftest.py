@@ -1,4 +1,4 @@
-"""Tests run JAX on the CPU with 8 fake devices, so every sharding path runs without accelerators."""
+"""Tests run JAX on the CPU with 8 fake devices: every sharding path runs without accelerators."""
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -7,8 +7,6 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402
-
-from nmm_jax.config import base_config  # noqa: E402
 
 
 def config_module(name: str):
@@ -36,6 +34,7 @@ def model_param_count(model_cfg) -> int:
   """Parameters of the real model built from `model_cfg` (shapes only, nothing allocated)."""
   import numpy as np
   from flax import nnx
+
   from nmm_jax.models import NMM
   abstract = nnx.eval_shape(lambda: NMM(model_cfg, rngs=nnx.Rngs(0)))
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract)))
@@ -64,9 +63,9 @@ def assert_resumes_exactly(make_dataset, run_lengths=(2, 3, 4)):
 @pytest.fixture(scope="session")
 def shapes_data_dir(tmp_path_factory):
   """The tiny config's embedded shapes shards, built once per test session."""
-  from nmm_jax.data import pipeline
+  from nmm_jax.data import shards
   workdir = tmp_path_factory.mktemp("shared_run")
-  return pipeline.data_dir(tiny_config(), str(workdir))
+  return shards.ensure_data_dir(tiny_config(), str(workdir))
 
 
 assert jax.device_count() == 8, "tests expect 8 fake CPU devices"

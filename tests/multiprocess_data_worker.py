@@ -43,11 +43,12 @@ def main():
   from jax.experimental import multihost_utils
   jax.distributed.initialize(f"localhost:{port}", int(num_processes), int(process_id),
                              initialization_timeout=120)
-  from nmm_jax import config as config_lib, sharding
+  from nmm_jax import config as config_lib
+  from nmm_jax import sharding
+  from nmm_jax.data import batch as batch_lib
   from nmm_jax.data import pipeline
   from nmm_jax.data.stages import sum_over_processes
-  from nmm_jax.train.loop import place_batch
-  from nmm_jax.train.program import BATCH_NDIMS
+  from nmm_jax.sharding import place_batch
   assert jax.device_count() == 4 * int(num_processes) and jax.local_device_count() == 4
 
   spec = importlib.util.spec_from_file_location("tiny_config_file", TINY_CONFIG)
@@ -62,7 +63,7 @@ def main():
 
   mesh_shape = config_lib.validate(config, jax.device_count(), jax.process_count())
   mesh = sharding.make_mesh(mesh_shape)
-  batch_sh = sharding.batch_shardings(BATCH_NDIMS, mesh, config.sharding_rules)
+  batch_sh = sharding.batch_shardings(batch_lib.ndims(), mesh, config.sharding_rules)
   local = next(iter(pipeline.make_dataset(config, data_dir, "train", seed=0)))
   local.pop("skipped")
   global_batch = place_batch(local, batch_sh)

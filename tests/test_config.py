@@ -7,6 +7,7 @@ import pytest
 
 from conftest import tiny_config
 from nmm_jax.config import ConfigError, validate
+from nmm_jax.sharding import DEFAULT_SHARDING_RULES, batch_axes
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -35,6 +36,8 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
     ({"eval.max_new_tokens": 0}, "config.eval.max_new_tokens"),
     ({"model.param_dtype": "bfloat16"}, "config.model.param_dtype"),
     ({"model.dtype": "float16"}, "config.model.dtype"),
+    ({"sharding_rules": (("batch", "replica"),)}, "config.sharding_rules"),
+    ({"sharding_rules": (("batch",),)}, "config.sharding_rules"),
 ])
 def test_bad_value_names_key(overrides, key):
   with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -45,6 +48,18 @@ def test_good_config_resolves_mesh():
   assert validate(tiny_config(), 8) == dict(data=8, fsdp=1, tensor=1, expert=1)
   assert validate(tiny_config(**{"mesh.data": 2, "mesh.fsdp": -1, "mesh.tensor": 2}), 8) == \
       dict(data=2, fsdp=2, tensor=2, expert=1)
+
+
+def test_batch_divisibility_follows_the_rules_batch_axes():
+  """The batch must divide over the mesh axes the rules give "batch" (sharding.batch_axes), the
+  same axes batch_sharding and the MoE layer's token split use."""
+  mesh = {"mesh.data": 2, "mesh.fsdp": 4}
+  with pytest.raises(ConfigError, match=r"data\*fsdp\*expert = 8"):
+    validate(tiny_config(**mesh, **{"train.batch_size": 4}), 8)
+  rules = (("batch", "data"),) + tuple(r for r in DEFAULT_SHARDING_RULES if r[0] != "batch")
+  validate(tiny_config(**mesh, **{"train.batch_size": 4, "sharding_rules": rules}), 8)
+  assert batch_axes(rules) == ("data",)
+  assert batch_axes(DEFAULT_SHARDING_RULES) == ("data", "fsdp", "expert")
 
 
 def _train_cli(tmp_path, *flags):

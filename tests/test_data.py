@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_resumes_exactly, load_config, tiny_config
-from nmm_jax.data import pipeline, synthetic
+from nmm_jax.data import pipeline, shards, synthetic
 from nmm_jax.data.records import ImageSegment, decode_document, encode_document
 
 
@@ -35,7 +35,7 @@ def batches(shapes_data_dir):
 
 def test_batch_contract(batches, shapes_data_dir):
   config, batch_list = batches
-  tok = pipeline.load_tokenizer(config, shapes_data_dir)
+  tok = shards.load_tokenizer(config, shapes_data_dir)
   b, l, i, s = config.train.batch_size, config.data.seq_len, config.data.max_images, 16
   for batch in batch_list:
     for key in ("tokens", "targets", "segment_ids", "positions", "image_ids", "patch_ids",
@@ -46,9 +46,11 @@ def test_batch_contract(batches, shapes_data_dir):
     # Inputs and targets are shifted views of one sequence inside each document.
     same_doc = (batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]) & (
         batch["segment_ids"][:, 1:] > 0)
-    np.testing.assert_array_equal(batch["targets"][:, :-1][same_doc], batch["tokens"][:, 1:][same_doc])
+    np.testing.assert_array_equal(batch["targets"][:, :-1][same_doc],
+                                  batch["tokens"][:, 1:][same_doc])
     # A document's last target is EOS; positions restart at 0 for each document.
-    doc_end = np.concatenate([~same_doc, np.ones((b, 1), bool)], axis=1) & (batch["segment_ids"] > 0)
+    real = batch["segment_ids"] > 0
+    doc_end = np.concatenate([~same_doc, np.ones((b, 1), bool)], axis=1) & real
     assert (batch["targets"][doc_end] == tok.eos_id).all()
     starts = np.concatenate([np.ones((b, 1), bool), ~same_doc], axis=1) & (batch["segment_ids"] > 0)
     assert (batch["positions"][starts] == 0).all()
@@ -66,7 +68,7 @@ def test_batch_contract(batches, shapes_data_dir):
 def test_each_image_is_the_one_its_caption_describes(batches, shapes_data_dir):
   """A caption names the colour of its image's shapes: that colour must be in those pixels."""
   config, batch_list = batches
-  tok = pipeline.load_tokenizer(config, shapes_data_dir)
+  tok = shards.load_tokenizer(config, shapes_data_dir)
   checked = 0
   for batch in batch_list:
     for row in range(batch["tokens"].shape[0]):
@@ -106,7 +108,7 @@ def test_missing_source_fails_clearly(shapes_data_dir):
 def test_missing_data_dir_fails_clearly(tmp_path):
   config = tiny_config(**{"data.dir": str(tmp_path / "nowhere")})
   with pytest.raises(FileNotFoundError, match="config.data.dir"):
-    pipeline.data_dir(config, str(tmp_path))
+    shards.ensure_data_dir(config, str(tmp_path))
 
 
 def test_realised_mixture_matches_the_weights(shapes_data_dir):
@@ -126,7 +128,7 @@ def test_realised_mixture_matches_the_weights(shapes_data_dir):
 def test_default_mix_packs_at_least_90_percent(tmp_path):
   config = load_config("default")
   config.data.synthetic.update(train_docs=600, eval_docs=10)
-  directory = pipeline.data_dir(config, str(tmp_path))
+  directory = shards.ensure_data_dir(config, str(tmp_path))
   iterator = iter(pipeline.make_dataset(config, directory, "train", seed=0))
   padding = [np.mean(next(iterator)["segment_ids"] == 0) for _ in range(20)]
   assert 1 - np.mean(padding) >= 0.90

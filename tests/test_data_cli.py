@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_config
-from nmm_jax.data import pipeline
+from nmm_jax.data import pipeline, shards
 
 pytest.importorskip("sklearn")
 
@@ -46,7 +46,7 @@ def test_inspect_reports_counts_tokens_and_draws_a_contact_sheet(digits_dir, tmp
 def test_the_pipeline_trains_on_written_shards(digits_dir):
   config = tiny_config(**{"data.dir": digits_dir, "data.mixture": {"digits": 1.0},
                           "data.image_size": 16, "model.patch_size": 8})
-  tokenizer = pipeline.load_tokenizer(config, digits_dir)
+  tokenizer = shards.load_tokenizer(config, digits_dir)
   batch = next(iter(pipeline.make_dataset(config, digits_dir, "eval", seed=0)))
   row = batch["tokens"][0][batch["segment_ids"][0] == 1]
   assert tokenizer.decode(row).startswith("a handwritten digit ")

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from nmm_jax.data import conversion
-from nmm_jax.data.cli.common import expand_shards, iter_documents
 from nmm_jax.data.importers import make_importer
 from nmm_jax.data.records import ImageSegment
+from nmm_jax.data.shards import expand_shards, iter_documents
 
 
 def image_bytes(fmt: str, colour, size=(12, 10)) -> bytes:

@@ -2,7 +2,6 @@
 training beats chance, and the console scripts (nmm-generate, nmm-eval) work on its checkpoint
 and agree with the library."""
 import json
-import os
 import subprocess
 import sys
 

@@ -76,7 +76,8 @@ def test_safetensors_export_holds_every_parameter(runs, tmp_path):
   assert os.path.isfile(os.path.join(out, meta["tokenizer"]))
 
 
-@pytest.mark.parametrize("name,arch", [("qwen3", "Qwen3ForCausalLM"), ("llama", "LlamaForCausalLM")])
+@pytest.mark.parametrize("name,arch",
+                         [("qwen3", "Qwen3ForCausalLM"), ("llama", "LlamaForCausalLM")])
 def test_hf_export_loads_in_transformers_with_our_log_probs(runs, tmp_path, name, arch):
   import torch
   import transformers
@@ -129,6 +130,7 @@ def test_a_run_starts_from_an_exported_decoder(runs, shapes_data_dir, tmp_path):
   wrong = tiny_config(**{"train.init_from_hf": folder, "model.d_model": 96})
   with pytest.raises(config_lib.ConfigError, match=r"train.init_from_hf.*model.d_model=64"):
     config_lib.validate(wrong, jax.device_count())
+    hf.check_init_from(wrong)
 
 
 def test_bad_exports_are_refused(runs, tmp_path):
@@ -153,6 +155,7 @@ def test_scores_equal_the_exported_hf_models(runs, tmp_path):
   """What `nmm-generate --score` prints is what the exported model computes."""
   import torch
   import transformers
+
   from nmm_jax.eval.run_model import load_run
   out = str(tmp_path / "hf")
   export(runs["qwen3"], out, "hf")

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from nmm_jax.data import images, tokenizer as tokenizer_lib
+from nmm_jax.data import images
+from nmm_jax.data import tokenizer as tokenizer_lib
 from nmm_jax.data.features import SkipDocument, document_pieces
 from nmm_jax.data.records import Document, encode_png
 
@@ -85,7 +86,8 @@ def test_word_level_tokenizer_is_reproducible(tmp_path, tok):
 
 def test_sentencepiece_training_and_loading(tmp_path):
   texts = [f"a picture of {n} {c} {s} on the {r}" for n in ("one", "two", "three")
-           for c in ("red", "green", "blue") for s in ("circles", "squares") for r in ("left", "right")]
+           for c in ("red", "green", "blue") for s in ("circles", "squares")
+           for r in ("left", "right")]
   path = str(tmp_path / "sp.model")
   tokenizer_lib.train_sentencepiece(texts * 5, path, vocab_size=60)
   sp = tokenizer_lib.load_tokenizer(path)

@@ -12,7 +12,7 @@ from flax import nnx
 
 from conftest import tiny_config
 from nmm_jax import sharding
-from nmm_jax.data import pipeline, writer
+from nmm_jax.data import shards
 from nmm_jax.data.features import document_pieces
 from nmm_jax.data.images import decode, eval_view
 from nmm_jax.data.records import decode_document
@@ -21,7 +21,6 @@ from nmm_jax.eval import held_out
 from nmm_jax.eval import sequences as seq_lib
 from nmm_jax.eval.inference import InferenceModel, inference_model_config, sample_next
 from nmm_jax.models import NMM
-from nmm_jax.train import state as state_lib
 from nmm_jax.train.loss import losses_from_sums
 from nmm_jax.train.step import make_eval_step
 
@@ -170,14 +169,14 @@ def test_score_equals_the_training_loss(shapes_data_dir):
   """A held-out caption document scored with <eos> gives, as a mean negative log-probability,
   the loss the eval step computes on the same document packed into a training row."""
   config = tiny_config(**{"data.dir": shapes_data_dir})
-  tokenizer = pipeline.load_tokenizer(config, shapes_data_dir)
+  tokenizer = shards.load_tokenizer(config, shapes_data_dir)
   graphdef, params = nnx.split(NMM(config.model, rngs=nnx.Rngs(4)))
   example = held_out.caption_examples(shapes_data_dir, "caption", config.data.image_size, 1)[0]
   model = InferenceModel(config, params, tokenizer)
   ids, logprobs = model.score([model.sequence(example.image[None], example.caption, eos=True)])[0]
   assert ids[-1] == tokenizer.eos_id and tokenizer.decode(ids) == example.caption
 
-  records = ShardedRecords(writer.shard_paths(os.path.join(shapes_data_dir, "caption"), "eval"))
+  records = ShardedRecords(shards.shard_paths(os.path.join(shapes_data_dir, "caption"), "eval"))
   where, raw = records[0]
   assert where == example.where
   doc = decode_document(raw)  # the same document, through the training features

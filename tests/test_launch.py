@@ -32,7 +32,8 @@ def test_slurm_runs_one_task_per_gpu_with_the_first_node_as_coordinator():
                    env={"NMM_COORDINATOR_PORT": "4321"})
   assert argv[:4] == ["srun", "--kill-on-bad-exit=1", "bash", "-c"]
   task = argv[4]
-  assert ".venv/bin/python -m nmm_jax.train --config=configs/default.py --workdir=/shared/run" in task
+  assert (".venv/bin/python -m nmm_jax.train --config=configs/default.py "
+          "--workdir=/shared/run") in task
   for part in ("--coordinator_address=$FIRST_NODE:4321", "--num_processes=${SLURM_NTASKS}",
                "--process_id=${SLURM_PROCID}", "--local_device_ids=${SLURM_LOCALID}",
                "--config.mesh.fsdp=8"):

@@ -5,7 +5,8 @@ import numpy as np
 import optax
 import pytest
 
-from nmm_jax.train.loss import token_nll, weighted_nll
+from nmm_jax.models.lm_head import token_nll
+from nmm_jax.train.loss import weighted_nll
 
 
 def _plain(hidden, head, targets, weights):

@@ -15,9 +15,9 @@ from flax import nnx
 from conftest import model_param_count, tiny_config
 from nmm_jax import config as config_lib
 from nmm_jax import sharding
-from nmm_jax.models.layers import SwiGLU
 from nmm_jax.data import pipeline
 from nmm_jax.models import NMM
+from nmm_jax.models.layers import SwiGLU
 from nmm_jax.models.moe import MoEMLP
 from nmm_jax.scaling import flops
 from nmm_jax.train.loop import train_and_evaluate
@@ -114,9 +114,9 @@ def _output_and_grads(moe, x, is_image, valid, mesh=None):
   step = jax.jit(jax.grad(loss, has_aux=True))
   if mesh is None:
     return step(params, x)
-  shardings = sharding.param_shardings(params, config_lib.DEFAULT_SHARDING_RULES, mesh)
+  shardings = sharding.param_shardings(params, sharding.DEFAULT_SHARDING_RULES, mesh)
   params = jax.device_put(params, shardings)
-  x = jax.device_put(x, sharding.batch_sharding(mesh, config_lib.DEFAULT_SHARDING_RULES, 3))
+  x = jax.device_put(x, sharding.batch_sharding(mesh, sharding.DEFAULT_SHARDING_RULES, 3))
   with jax.set_mesh(mesh):
     hlo = step.lower(params, x).compile().as_text()
     return step(params, x), hlo

@@ -42,7 +42,8 @@ def test_params_command_prints_the_table():
   assert "| early-932m | 1632 | 24 | 932.3M | 850.1M | - |" in out.stdout
   assert len(out.stdout.strip().splitlines()) == 2 + len(SPECS)
   bad = subprocess.run([sys.executable, "-m", "nmm_jax.scaling.cli", "params",
-                        "--config=configs/paper.py:late-932m", "--config.model.vision.num_layers=2"],
+                        "--config=configs/paper.py:late-932m",
+                        "--config.model.vision.num_layers=2"],
                        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
                        cwd=ROOT)
   assert bad.returncode != 0 and "config.model.vision_layers" in bad.stderr

@@ -5,6 +5,7 @@ from flax import nnx
 
 from conftest import tiny_config
 from nmm_jax import sharding
+from nmm_jax.models.variables import abstract_model_state
 from nmm_jax.train import optimizer, state
 from nmm_jax.train.loop import train_and_evaluate
 
@@ -34,7 +35,7 @@ def test_large_parameters_are_split():
   config = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2, expert=1))
   tx = optimizer.make_optimizer(config.train)
-  _, abstract = state.abstract_model_state(config.model)
+  _, abstract = abstract_model_state(config.model)
   shardings = state.state_shardings(abstract, tx, config.sharding_rules, mesh)
   train_state = state.create_state(config.model, tx, 0, shardings)
   params = train_state["params"]

@@ -82,6 +82,7 @@ def test_outputs_written(straight_run):
 def test_resume_with_another_worker_count_fails_clearly(tmp_path, straight_run,
                                                        shapes_data_dir):
   import shutil
+
   from nmm_jax.config import ConfigError
   workdir = str(tmp_path / "run")
   shutil.copytree(straight_run[0], workdir)

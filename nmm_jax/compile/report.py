@@ -18,7 +18,6 @@ from nmm_jax.data import pipeline
 from nmm_jax.scaling import flops
 from nmm_jax.train import program as program_lib
 
-
 # "Ran out of memory on HBM, the total memory required for HLO temporaries (32.80G) exceeds ..."
 _OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED: Ran out of memory.*?temporaries \(([\d.]+)G\)")
 _Memory = collections.namedtuple("_Memory", "argument_size_in_bytes output_size_in_bytes "

@@ -8,9 +8,8 @@ image; every target is predicted exactly once. A document that cannot be used ra
 """
 import numpy as np
 
+from nmm_jax.data import batch as batch_lib
 from nmm_jax.data.records import ImageSegment
-
-TOKEN_KEYS = ("tokens", "targets", "loss_mask", "image_ids", "patch_ids", "source")
 
 
 class SkipDocument(Exception):
@@ -69,10 +68,11 @@ def _cut_points(num_inputs: int, spans, seq_len: int, max_images: int):
 
 def document_pieces(doc, tokenizer, source_id: int, *, patches_per_image: int, image_size: int,
                     seq_len: int, max_images: int, image_view) -> list[dict]:
-  """Unpacked pieces of `doc`; `image_view(encoded) -> [S, S, 3] uint8` decodes/augments."""
+  """Unpacked pieces of `doc` ({batch.PIECE_KEYS: [n], "images": [i, S, S, 3]});
+  `image_view(encoded) -> [S, S, 3] uint8` decodes/augments."""
   ids, spans, images = _document_ids(doc, tokenizer, patches_per_image, image_view)
-  image_ids = np.full(len(ids), -1, np.int32)
-  patch_ids = np.full(len(ids), -1, np.int32)
+  image_ids = batch_lib.padding("image_ids", len(ids))
+  patch_ids = batch_lib.padding("patch_ids", len(ids))
   for i, (s, e) in enumerate(spans):
     image_ids[s + 1:e] = i
     patch_ids[s + 1:e] = np.arange(patches_per_image)
@@ -84,7 +84,8 @@ def document_pieces(doc, tokenizer, source_id: int, *, patches_per_image: int, i
     in_piece = [i for i, (s, _) in enumerate(spans) if a <= s < b]
     piece_images = [images[i] for i in in_piece]
     # Image ids restart at 0 in each piece (the packer offsets them per row).
-    local_image_ids = np.where(image_ids[a:b] >= 0, image_ids[a:b] - (in_piece or [0])[0], -1)
+    local_image_ids = np.where(image_ids[a:b] >= 0, image_ids[a:b] - (in_piece or [0])[0],
+                               batch_lib.NO_IMAGE)
     pieces.append({
         "tokens": ids[a:b],
         "targets": targets_all[a:b],
@@ -93,6 +94,6 @@ def document_pieces(doc, tokenizer, source_id: int, *, patches_per_image: int, i
         "patch_ids": patch_ids[a:b],
         "source": np.full(b - a, source_id, np.int32),
         "images": (np.stack(piece_images) if piece_images
-                   else np.zeros((0, image_size, image_size, 3), np.uint8)),
+                   else batch_lib.padding("images", (0, image_size, image_size, 3))),
     })
   return pieces

@@ -2,7 +2,7 @@
 
 Train: random-resized crop (area scale from config, aspect ratio 3/4..4/3) and a horizontal flip.
 Eval: resize the shorter side to S, centre crop. Normalisation and patchifying happen on the
-device (`models/nmm.py: patchify`): batches carry uint8, a quarter of the f32 bytes.
+device (`models/fusion.py: patchify`): batches carry uint8, a quarter of the f32 bytes.
 """
 import io
 import math

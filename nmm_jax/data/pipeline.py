@@ -18,50 +18,15 @@ from absl import flags
 import msgpack
 import numpy as np
 
+from nmm_jax.data import batch as batch_lib
 from nmm_jax.data import images as images_lib
+from nmm_jax.data import shards
 from nmm_jax.data import streams as streams_lib
-from nmm_jax.data import writer
-from nmm_jax.data.features import TOKEN_KEYS, SkipDocument, document_pieces
+from nmm_jax.data.batch import PIECE_KEYS
+from nmm_jax.data.features import SkipDocument, document_pieces
 from nmm_jax.data.records import decode_document
 from nmm_jax.data.stages import (RecordError, ShardedRecords, Skip, SkipCounter, SkipTally,
                                  Unpack, attach_skip_counts, set_worker_index)
-from nmm_jax.data.tokenizer import TOKENIZER_FILES, Tokenizer, tokenizer_in
-from nmm_jax.data.tokenizer import load_tokenizer as _load_tokenizer
-
-_PAD_VALUES = {"image_ids": -1, "patch_ids": -1, "source": -1}
-
-
-def run_data_folder(config, workdir: str) -> str:
-  """Where a run's shards are: data.dir, or WORKDIR/data (the embedded shapes data)."""
-  return config.data.dir or os.path.join(workdir, "data")
-
-
-def data_dir(config, workdir: str) -> str:
-  """The shard folder: data.dir, or the embedded shapes data built once under WORKDIR/data."""
-  if config.data.dir:
-    if not os.path.isdir(config.data.dir):
-      raise FileNotFoundError(f"config.data.dir={config.data.dir!r} is not a folder")
-    return config.data.dir
-  directory = run_data_folder(config, workdir)
-  s = config.data.synthetic
-  writer.build_embedded_dataset(directory, train_docs=s.train_docs, eval_docs=s.eval_docs,
-                                image_size=config.data.image_size, seed=s.seed)
-  return directory
-
-
-def tokenizer_path(config, directory: str) -> str:
-  """data.tokenizer, or the tokenizer file beside the shards."""
-  if config.data.tokenizer:
-    return config.data.tokenizer
-  found = tokenizer_in(directory)
-  if found:
-    return found
-  raise FileNotFoundError(f"no tokenizer: set config.data.tokenizer or put one of "
-                          f"{TOKENIZER_FILES} in {directory}")
-
-
-def load_tokenizer(config, directory: str) -> Tokenizer:
-  return _load_tokenizer(tokenizer_path(config, directory))
 
 
 def source_names(config) -> list[str]:
@@ -95,8 +60,9 @@ def assign_global_image_ids(batch):
   match_BxLxI = img_seg_BxI[:, None, :] == seg_BxL[:, :, None]
   first_slot_BxL = np.argmax(match_BxLxI, axis=-1).astype(np.int32)
   is_image = batch["image_ids"] >= 0
-  batch["image_ids"] = np.where(is_image, batch["image_ids"] + first_slot_BxL, -1).astype(np.int32)
-  out = {k: batch[k] for k in TOKEN_KEYS + ("images",)}
+  batch["image_ids"] = np.where(is_image, batch["image_ids"] + first_slot_BxL,
+                               batch_lib.NO_IMAGE).astype(np.int32)
+  out = {k: batch[k] for k in PIECE_KEYS + ("images",)}
   out["segment_ids"] = seg_BxL
   out["positions"] = batch["tokens_positions"]
   return out
@@ -130,7 +96,7 @@ def _open_sources(config, directory: str, split: str) -> tuple:
   """([(records, weight)] in source-id order, number of unreadable shards)."""
   sources, unreadable = [], 0
   for name in source_names(config):
-    paths = writer.shard_paths(os.path.join(directory, name), split)
+    paths = shards.shard_paths(os.path.join(directory, name), split)
     if not paths:
       raise FileNotFoundError(f"data.mixture names source {name!r} but {directory}/{name} holds "
                               f"no {split}-*.array_record shards")
@@ -158,16 +124,16 @@ def _stream_batches(config, sources, tokenizer, stream: int, total: int, unreada
   # pipeline 2.4x slower (178 -> 428 sequences/s on the default config). Parallelism comes
   # from worker processes (data.num_workers) instead.
   pieces = Unpack(mixed.to_iter_dataset(grain.ReadOptions(num_threads=0)), counter)
-  length = {k: config.data.seq_len for k in TOKEN_KEYS}
+  length = {k: config.data.seq_len for k in PIECE_KEYS}
   length["images"] = config.data.max_images
   packed = grain.experimental.FirstFitPackIterDataset(
       pieces, length_struct=length, num_packing_bins=config.data.num_packing_bins,
       seed=seed, shuffle_bins=train,
-      padding_struct={k: _PAD_VALUES.get(k, 0) for k in length})
+      padding_struct={k: batch_lib.FIELDS[k].pad for k in length})
   rows = config.train.batch_size // total
   batches = packed.batch(rows, drop_remainder=train).map(assign_global_image_ids)
   if not train:
-    batches = batches.map(functools.partial(pad_rows, rows=rows))
+    batches = batches.map(functools.partial(batch_lib.pad_rows, rows=rows))
   batches = batches.map(functools.partial(attach_skip_counts, counter=counter, stream=stream))
   if train and config.data.num_workers:
     if not flags.FLAGS.is_parsed():
@@ -191,35 +157,18 @@ def make_dataset(config, directory: str, split: str, *, seed: int):
   Training batches are prepared ahead in a thread (`data.prefetch`) and optionally by worker
   processes (`data.num_workers`); the iterator state covers both.
   """
-  tokenizer = load_tokenizer(config, directory)
+  tokenizer = shards.load_tokenizer(config, directory)
   train = split == "train"
   sources, unreadable = _open_sources(config, directory, split)
   total = streams_lib.num_streams(config)
   per_stream = {s: _stream_batches(config, sources, tokenizer, s, total, unreadable, seed=seed,
                                    train=train)
                 for s in streams_lib.local_streams(config)}
-  batches = streams_lib.ConcatStreams(per_stream, empty_like=None if train else empty_rows)
+  batches = streams_lib.ConcatStreams(per_stream,
+                                      empty_like=None if train else batch_lib.empty_like)
   batches = batches.map(SkipTally())
   if train and config.data.prefetch:
     # Prepares the next batches while the step loop waits on the device.
     batches = grain.experimental.ThreadPrefetchIterDataset(
         batches, prefetch_buffer_size=config.data.prefetch)
   return batches
-
-
-def empty_rows(batch):
-  """An all-padding batch shaped like `batch` (for an eval stream that has ended)."""
-  return {k: np.full_like(v, _PAD_VALUES.get(k, 0)) for k, v in batch.items() if k != "skipped"}
-
-
-def pad_rows(batch, rows: int):
-  """Pads the last, short eval batch with empty rows (segment 0, no loss): sums are unchanged
-  and the batch still divides over the data axes."""
-  missing = rows - len(batch["tokens"])
-  if missing <= 0:
-    return batch
-  out = {}
-  for key, value in batch.items():
-    pad = np.full((missing,) + value.shape[1:], _PAD_VALUES.get(key, 0), value.dtype)
-    out[key] = np.concatenate([value, pad])
-  return out

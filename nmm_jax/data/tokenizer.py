@@ -14,8 +14,6 @@ import os
 from typing import Iterable
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<image>", "<image_start>", "<image_end>")
-# The names a data folder's own tokenizer may have, in the order they are looked for.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 UNK_TOKEN = "<unk>"
 
 
@@ -74,14 +72,6 @@ class SentencePieceTokenizer(Tokenizer):
 
   def _decode(self, ids):
     return self._sp.decode(ids)
-
-
-def tokenizer_in(folder: str) -> str:
-  """The path of the tokenizer file in `folder` (TOKENIZER_FILES), or '' if there is none."""
-  for name in TOKENIZER_FILES:
-    if os.path.isfile(os.path.join(folder, name)):
-      return os.path.join(folder, name)
-  return ""
 
 
 def load_tokenizer(path: str) -> Tokenizer:

@@ -13,13 +13,6 @@ TOKENIZER_FILE = "tokenizer.json"
 COMPLETE_MARKER = "COMPLETE"
 
 
-def shard_paths(directory: str, split: str) -> list[str]:
-  if not os.path.isdir(directory):
-    return []
-  return sorted(os.path.join(directory, f) for f in os.listdir(directory)
-                if f.startswith(f"{split}-") and f.endswith(".array_record"))
-
-
 def write_shards(documents: list[Document], directory: str, split: str, num_shards: int):
   os.makedirs(directory, exist_ok=True)
   for shard in range(num_shards):

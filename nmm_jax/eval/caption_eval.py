@@ -42,7 +42,7 @@ class TrainingCaptionEval:
       self.model.params = None  # the train step donates the parameters' buffers
     return {f"eval/caption/{k}": v for k, v in self.last.accuracy.items()}
 
-  def shown(self) -> str:
+  def summary(self) -> str:
     """The first `eval.show_captions` captions of the last eval beside the truth."""
     if self.last is None or not self.config.eval.show_captions:
       return ""

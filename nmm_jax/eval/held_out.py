@@ -6,8 +6,7 @@ import numpy as np
 from absl import logging
 
 from nmm_jax.data import images as images_lib
-from nmm_jax.data import writer
-from nmm_jax.data.cli.common import iter_documents
+from nmm_jax.data import shards
 from nmm_jax.data.records import ImageSegment
 
 
@@ -23,11 +22,11 @@ def caption_examples(directory: str, source: str, image_size: int,
                      limit: int = 0) -> list[CaptionExample]:
   """The first `limit` (0: all) documents of DIRECTORY/SOURCE/eval-* that are one image then
   one text. Records that cannot be read or decoded are skipped and counted in a warning."""
-  paths = writer.shard_paths(os.path.join(directory, source), "eval")
+  paths = shards.shard_paths(os.path.join(directory, source), "eval")
   if not paths:
     raise FileNotFoundError(f"{directory}/{source} holds no eval-*.array_record shards")
   examples, skipped = [], 0
-  for where, doc in iter_documents(paths):
+  for where, doc in shards.iter_documents(paths):
     if limit and len(examples) == limit:
       break
     if isinstance(doc, str):  # the reason it could not be read
@@ -47,3 +46,10 @@ def caption_examples(directory: str, source: str, image_size: int,
   if skipped:
     logging.warning("%s/%s: skipped %d unreadable eval records", directory, source, skipped)
   return examples
+
+
+def run_caption_examples(run_config, workdir: str, source: str, image_size: int,
+                         data_dir: str = "", limit: int = 0) -> list[CaptionExample]:
+  """caption_examples of `source` in `data_dir`, or in the data the run in `workdir` read."""
+  directory = data_dir or shards.run_data_folder(run_config, workdir)
+  return caption_examples(directory, source, image_size, limit=limit)

@@ -9,7 +9,7 @@ tokenizer's vocabulary).
 
 MoE layers run dropless here whatever `moe.capacity_factor` says: the capacity is a training-time
 throughput limit whose drops depend on the padded row length, which a prompt does not have.
-Scoring runs the model as the eval step does (`train/loss.token_nll`), so a scored document's
+Scoring runs the model as the eval step does (`models/lm_head.token_nll`), so a scored document's
 mean negative log-probability is its training loss.
 """
 import dataclasses
@@ -22,8 +22,9 @@ from flax import nnx
 
 from nmm_jax import sharding
 from nmm_jax.eval import sequences as seq_lib
-from nmm_jax.train import state as state_lib
-from nmm_jax.train.loss import token_nll
+from nmm_jax.models import NMM
+from nmm_jax.models.lm_head import token_nll
+from nmm_jax.models.variables import abstract_model_state
 
 
 def inference_model_config(model_cfg):
@@ -62,10 +63,15 @@ class InferenceModel:
   """`params` (an nnx.State, sharded over `mesh` or on one device) of a model built from
   `config` (a run's whole config: model, data sizes, loss chunk)."""
 
+  @classmethod
+  def initialised(cls, config, tokenizer, seed: int = 0):
+    """A model with freshly initialised parameters (speed measurements need no training)."""
+    return cls(config, nnx.state(NMM(config.model, rngs=nnx.Rngs(seed))), tokenizer)
+
   def __init__(self, config, params, tokenizer, mesh=None, step=None):
     self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
     self.step = step  # the checkpoint step the parameters come from, when known
-    self.graphdef, _ = state_lib.abstract_model_state(inference_model_config(config.model))
+    self.graphdef, _ = abstract_model_state(inference_model_config(config.model))
     self.image_size = config.data.image_size
     self.patches_per_image = (config.data.image_size // config.model.patch_size) ** 2
     allowed = np.zeros(config.model.vocab_size, bool)
@@ -93,7 +99,8 @@ class InferenceModel:
     # Every process holds the same inputs: placed replicated, so multi-process runs work too.
     replicated = sharding.replicated(self.mesh)
     args = jax.tree.map(lambda a: jax.make_array_from_process_local_data(replicated, a), args)
-    return sharding.traced_under(self.mesh, jitted)(self.params, *args)
+    return sharding.traced_under(self.mesh, jitted, self.config.sharding_rules)(self.params,
+                                                                                 *args)
 
   def _jit(self, fn):
     # Over a mesh the outputs are replicated: every process can read them whole.

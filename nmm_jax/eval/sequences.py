@@ -9,12 +9,10 @@ import dataclasses
 
 import numpy as np
 
+from nmm_jax.data import batch as batch_lib
 from nmm_jax.data import images as images_lib
+from nmm_jax.data.batch import NO_IMAGE
 from nmm_jax.data.features import text_target_mask
-
-# Pad values of the batch-contract keys (tokens pad with the tokenizer's <pad>).
-_FILL = {"targets": 0, "loss_mask": 0, "segment_ids": 0, "positions": 0, "image_ids": -1,
-         "patch_ids": -1}
 
 
 @dataclasses.dataclass
@@ -38,15 +36,15 @@ def load_image(path: str, size: int) -> np.ndarray:
 
 def build_sequence(tokenizer, images_IxSxSx3, text_ids, patches_per_image: int) -> Sequence:
   """<bos>, each image's span, then `text_ids`."""
-  ids, image_ids, patch_ids = [tokenizer.bos_id], [-1], [-1]
+  ids, image_ids, patch_ids = [tokenizer.bos_id], [NO_IMAGE], [NO_IMAGE]
   for i in range(len(images_IxSxSx3)):
     ids += [tokenizer.image_start_id] + [tokenizer.image_id] * patches_per_image
     ids.append(tokenizer.image_end_id)
-    image_ids += [-1] + [i] * patches_per_image + [-1]
-    patch_ids += [-1] + list(range(patches_per_image)) + [-1]
+    image_ids += [NO_IMAGE] + [i] * patches_per_image + [NO_IMAGE]
+    patch_ids += [NO_IMAGE] + list(range(patches_per_image)) + [NO_IMAGE]
   ids += list(text_ids)
-  image_ids += [-1] * len(text_ids)
-  patch_ids += [-1] * len(text_ids)
+  image_ids += [NO_IMAGE] * len(text_ids)
+  patch_ids += [NO_IMAGE] * len(text_ids)
   as_int = lambda values: np.asarray(values, np.int32)
   return Sequence(as_int(ids), as_int(image_ids), as_int(patch_ids),
                   np.asarray(images_IxSxSx3, np.uint8))
@@ -55,19 +53,7 @@ def build_sequence(tokenizer, images_IxSxSx3, text_ids, patches_per_image: int) 
 def _batch(rows: list[dict], sequences: list[Sequence], length: int, pad_left: bool,
            tokenizer, image_size: int) -> dict:
   """The rows padded to `length` (tokens with <pad>), plus the rows' images when any has one."""
-  batch = {}
-  for key in rows[0]:
-    fill = tokenizer.pad_id if key == "tokens" else _FILL[key]
-    out = np.full((len(rows), length), fill, rows[0][key].dtype)
-    for r, row in enumerate(rows):
-      n = len(row[key])
-      if n > length:
-        raise ValueError(f"a sequence of {n} tokens does not fit {length}")
-      if pad_left:
-        out[r, length - n:] = row[key]
-      else:
-        out[r, :n] = row[key]
-    batch[key] = out
+  batch = batch_lib.stack_rows(rows, length, pad_left, pads={"tokens": tokenizer.pad_id})
   images = _images(sequences, image_size)
   if images is not None:
     batch["images"] = images
@@ -79,7 +65,7 @@ def _images(sequences: list[Sequence], image_size: int):
   most = max(len(s.images) for s in sequences)
   if not most:
     return None
-  out = np.zeros((len(sequences), most, image_size, image_size, 3), np.uint8)
+  out = batch_lib.padding("images", (len(sequences), most, image_size, image_size, 3))
   for r, s in enumerate(sequences):
     out[r, :len(s.images)] = s.images
   return out

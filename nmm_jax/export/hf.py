@@ -11,7 +11,8 @@ QK-norm is off, so the mapping is renames and transposes only:
   decoder.blocks.attn.w_o_HxExD[i]   model.layers.i.self_attn.o_proj.weight  [D, H*E]
   decoder.blocks.attn.{q,k}_norm.scale[i]  model.layers.i.self_attn.{q,k}_norm.weight (Qwen3)
   decoder.blocks.mlp_norm.scale[i]   model.layers.i.post_attention_layernorm.weight
-  decoder.blocks.mlp.w_{gate,up}_DxF[i], w_down_FxD[i]  model.layers.i.mlp.{gate,up,down}_proj.weight
+  decoder.blocks.mlp.w_{gate,up}_DxF[i], w_down_FxD[i]
+                                     model.layers.i.mlp.{gate,up,down}_proj.weight
   final_norm.scale                   model.norm.weight
   head_DxV                           lm_head.weight [V, D] (absent when embeddings are tied)
 
@@ -25,6 +26,7 @@ import shutil
 import jax
 import numpy as np
 
+from nmm_jax.config import ConfigError
 from nmm_jax.export.safetensors_file import Tensor
 
 WEIGHTS_FILE = "model.safetensors"
@@ -157,6 +159,27 @@ def read_config(folder: str) -> dict:
       "norm_eps": float(hf["rms_norm_eps"]),
       "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
   }
+
+
+def check_init_from(config):
+  """ConfigError unless `train.init_from_hf` (when set) is a folder whose decoder has the
+  config's shape. The loop calls this right after config.validate, before anything is built."""
+  folder = config.train.init_from_hf
+  if not folder:
+    return
+  try:
+    sizes = read_config(folder)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"config.train.init_from_hf: {e}") from None
+  differ = {k: (config.model[k], v) for k, v in sizes.items() if config.model[k] != v}
+  if differ:
+    raise ConfigError(
+        f"config.train.init_from_hf: {folder} has another decoder shape; set these model keys "
+        f"to the folder's values: " + ", ".join(f"model.{k}={v!r} (config: {ours!r})"
+                                                 for k, (ours, v) in differ.items()))
+  if config.model.moe.num_experts:
+    raise ConfigError("config.train.init_from_hf: an MoE decoder cannot start from a dense "
+                      "Hugging Face model")
 
 
 def import_folder(folder: str):

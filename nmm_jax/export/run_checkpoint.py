@@ -12,9 +12,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from nmm_jax.checkpoint import Checkpointer
-from nmm_jax.data.pipeline import run_data_folder
-from nmm_jax.data.tokenizer import tokenizer_in
-from nmm_jax.train import state as state_lib
+from nmm_jax.data.shards import run_data_folder, tokenizer_in
+from nmm_jax.models.variables import abstract_model_state, flat_variables
 
 
 @dataclasses.dataclass
@@ -26,7 +25,7 @@ class RunCheckpoint:
 
   def params(self) -> nnx.State:
     """The parameters, as arrays on the CPU (the optimizer state stays on disk)."""
-    _, abstract = state_lib.abstract_model_state(self.config.model)
+    _, abstract = abstract_model_state(self.config.model)
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     item = {"params": jax.tree.map(
         lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=cpu), abstract)}
@@ -67,4 +66,4 @@ def _tokenizer_path(config, workdir: str) -> str:
 
 def flat_params(params: nnx.State) -> dict:
   """{"decoder.blocks.attn.w_q_DxHxE": array, ...}: the names the exports use."""
-  return {name: v.get_value() for name, v in state_lib.flat_variables(params).items()}
+  return {name: v.get_value() for name, v in flat_variables(params).items()}

@@ -12,7 +12,6 @@ from nmm_jax.models.layers import REMAT_POLICIES, RMSNorm, SwiGLU, rope_tables, 
 from nmm_jax.models.moe import MoEMLP
 
 
-
 class DecoderBlock(nnx.Module):
   def __init__(self, cfg, *, moe: bool, rngs: nnx.Rngs):
     dtype = jnp.dtype(cfg.param_dtype)

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-
 # model.remat: what a layer keeps for the backward pass (the decoder's and the ViT's blocks).
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation: fastest when activations fit

@@ -5,7 +5,8 @@ winner) or "modality" (hard: image tokens choose among the first half of the exp
 among the second half). Routing and statistics run on the whole batch; the experts run in
 `expert_exchange` below, inside a shard_map over the mesh when one is set (`jax.set_mesh`).
 
-Expert parallelism: tokens are split over the batch axes (data, fsdp, expert), the experts over
+Expert parallelism: tokens are split over the batch axes (sharding.batch_axes: data, fsdp,
+expert by default), the experts over
 `expert` and their hidden width over `tensor`. Each device sends every token-expert assignment
 to the device that holds the expert with one `all_to_all` over the `expert` axis, the experts
 compute, a second `all_to_all` brings the outputs back, and a `psum` over `tensor` adds the
@@ -39,13 +40,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from nmm_jax import sharding
 from nmm_jax.models.layers import fan_in_init, make_param
 
 ROUTINGS = ("learned", "modality")
-# Inside the exchange: tokens over these mesh axes, experts over EXPERT_AXIS, the expert hidden
-# width over TENSOR_AXIS (the default sharding rules' layout; other layouts are resharded to
-# this one at the shard_map boundary).
-TOKEN_AXES = ("data", "fsdp", "expert")
+# Inside the exchange: tokens over the batch axes of the traced sharding rules, experts over
+# EXPERT_AXIS, the expert hidden width over TENSOR_AXIS (the default rules' layout; other
+# parameter layouts are resharded to this one at the shard_map boundary).
 EXPERT_AXIS, TENSOR_AXIS = "expert", "tensor"
 
 
@@ -87,9 +88,10 @@ class MoEMLP(nnx.Module):
     exchange = functools.partial(expert_exchange, num_experts=self.num_experts,
                                  capacity_factor=self.capacity_factor)
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(TOKEN_AXES + (TENSOR_AXIS,)) <= set(mesh.axis_names):
+    batch_axes = sharding.batch_axes(sharding.traced_rules())
+    if mesh.empty or not set(batch_axes + (EXPERT_AXIS, TENSOR_AXIS)) <= set(mesh.axis_names):
       return exchange(x_BxLxD, expert_BxLxK, weights_BxLxK, *params)
-    token_axes = tuple(a for a in TOKEN_AXES if mesh.shape[a] > 1)
+    token_axes = tuple(a for a in batch_axes if mesh.shape[a] > 1)
     if x_BxLxD.shape[0] % math.prod(mesh.shape[a] for a in token_axes):
       return exchange(x_BxLxD, expert_BxLxK, weights_BxLxK, *params)
     ep, tp = mesh.shape[EXPERT_AXIS], mesh.shape[TENSOR_AXIS]

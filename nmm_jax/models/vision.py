@@ -1,5 +1,6 @@
-"""Late fusion's vision side: a CLIP-style ViT trained from scratch, the connector, and the modules
-that inject chosen encoder layers into the decoder (Lin et al. 2025's multi-layer fusion).
+"""Late fusion's vision encoder: a CLIP-style ViT trained from scratch, and the GELU MLP it shares
+with the connector and internal_add's injections (which, like the cross-attention of
+internal_xattn, live in models/fusion.py).
 
 Shape suffixes as in layers.py, plus N images (batch x image slots), P patches per image,
 C patch pixels (or concatenated features), W the encoder width, J encoder layers.
@@ -9,8 +10,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nmm_jax.models.layers import REMAT_POLICIES, fan_in_init, make_param, stacked
-
-_MASKED = -1e30
 
 
 class LayerNorm(nnx.Module):
@@ -47,7 +46,6 @@ class VisionAttention(nnx.Module):
   position embedding carries position)."""
 
   def __init__(self, width: int, heads: int, *, param_dtype, rngs: nnx.Rngs):
-    e = width // heads
     self.heads = heads
     self.w_qkv_Wx3HE = make_param(rngs, fan_in_init(), (width, 3 * width), ("embed", "mlp"),
                                   param_dtype)
@@ -112,56 +110,3 @@ class VisionEncoder(nnx.Module):
                     transform_metadata={nnx.PARTITION_NAME: "layers"})
     _, every_layer_JxNxPxW = scan(x_NxPxW, self.blocks)
     return every_layer_JxNxPxW
-
-
-def image_cross_mask(segment_ids_BxL, image_ids_BxL, num_images: int, patches: int):
-  """[B, 1, L, I*P] bool: may the token at l attend to patch p of image slot i? Only images of
-  its own document that start at or before it. Also [B, L, 1]: whether it may attend to any."""
-  length = segment_ids_BxL.shape[1]
-  slots_I = jnp.arange(num_images)
-  is_slot_BxIxL = image_ids_BxL[:, None, :] == slots_I[None, :, None]
-  present_BxI = jnp.any(is_slot_BxIxL, axis=-1)
-  start_BxI = jnp.argmax(is_slot_BxIxL, axis=-1)
-  segment_BxI = jnp.take_along_axis(segment_ids_BxL, start_BxI, axis=1)
-  allowed_BxLxI = (present_BxI[:, None, :]
-                   & (segment_BxI[:, None, :] == segment_ids_BxL[:, :, None])
-                   & (segment_ids_BxL[:, :, None] > 0)
-                   & (start_BxI[:, None, :] <= jnp.arange(length)[None, :, None]))
-  allowed_BxLxIP = jnp.repeat(allowed_BxLxI, patches, axis=-1)
-  return allowed_BxLxIP[:, None], jnp.any(allowed_BxLxI, axis=-1, keepdims=True)
-
-
-class GatedCrossAttention(nnx.Module):
-  """Decoder hidden states attend to one encoder layer's patch features; the result is scaled
-  by tanh(gate), gate initialised at 0, so the block starts as the identity (Flamingo)."""
-
-  def __init__(self, d_model: int, width: int, heads: int, *, eps: float, param_dtype,
-               rngs: nnx.Rngs):
-    self.heads = heads
-    self.norm = LayerNorm(d_model, eps=eps, param_dtype=param_dtype, rngs=rngs)
-    self.w_q_DxHE = make_param(rngs, fan_in_init(), (d_model, d_model), ("embed", "mlp"),
-                               param_dtype)
-    self.w_kv_Wx2HE = make_param(rngs, fan_in_init(), (width, 2 * d_model), (None, "mlp"),
-                                 param_dtype)
-    self.w_o_HExD = make_param(rngs, fan_in_init(), (d_model, d_model), ("mlp", "embed"),
-                               param_dtype)
-    self.gate = make_param(rngs, nnx.initializers.zeros, (1,), (None,), param_dtype)
-
-  def __call__(self, x_BxLxD, features_BxMxW, mask_Bx1xLxM, any_BxLx1):
-    b, l, d = x_BxLxD.shape
-    m, w = features_BxMxW.shape[1:]
-    h, e = self.heads, d // self.heads
-    q_BxLxHxE = (self.norm(x_BxLxD).reshape(b * l, d) @ self.w_q_DxHE[...].astype(x_BxLxD.dtype)
-                 ).reshape(b, l, h, e)
-    kv = (features_BxMxW.reshape(b * m, w) @ self.w_kv_Wx2HE[...].astype(x_BxLxD.dtype))
-    k_BxMxHxE, v_BxMxHxE = jnp.split(kv.reshape(b, m, 2 * h, e), 2, axis=2)
-    logits_BxHxLxM = jnp.einsum("blhe,bmhe->bhlm", q_BxLxHxE * e ** -0.5, k_BxMxHxE,
-                                preferred_element_type=jnp.float32)
-    logits_BxHxLxM = jnp.where(mask_Bx1xLxM, logits_BxHxLxM, _MASKED)
-    weights = jax.nn.softmax(logits_BxHxLxM, axis=-1).astype(x_BxLxD.dtype)
-    out_BxLxHxE = jnp.einsum("bhlm,bmhe->blhe", weights, v_BxMxHxE)
-    out_BxLxD = (out_BxLxHxE.reshape(b * l, d) @ self.w_o_HExD[...].astype(x_BxLxD.dtype)
-                 ).reshape(b, l, d)
-    # A token with no image before it in its document attends to nothing: no update at all.
-    out_BxLxD = jnp.where(any_BxLx1, out_BxLxD, 0)
-    return x_BxLxD + jnp.tanh(self.gate[...].astype(x_BxLxD.dtype)) * out_BxLxD

@@ -12,6 +12,7 @@ import dataclasses
 import shlex
 import sys
 
+from nmm_jax.data import shards
 from nmm_jax.scaling import flops
 
 COOLDOWN_FRACTION = 0.2
@@ -92,3 +93,9 @@ def train_command(config_file: str, workdir: str, run: PlannedRun, extra=()) -> 
 
 def shell_line(argv) -> str:
   return " ".join(shlex.quote(a) for a in argv)
+
+
+def ensure_shared_data_dir(config, out: str) -> str:
+  """The data folder every run of a sweep in `out` reads: the embedded data, built here once
+  (when missing) rather than once per run."""
+  return shards.ensure_data_dir(config, out)

@@ -1,28 +1,28 @@
 """The imperative shell: mesh, model, optimizer, data, checkpoints, the step loop, logging, eval.
 
+It composes a run, so it sits above eval/ and export/: the evaluators come as a list from
+eval/training.py (the loop knows none by name), a Hugging Face start from export/hf.py.
+
 Stopping (SIGTERM) saves a checkpoint and returns; running the same command again resumes from
 the latest checkpoint, data-iterator position included.
 """
 import signal
-import time
 
 import jax
-import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from nmm_jax import config as config_lib
-from nmm_jax import hardware, sharding
+from nmm_jax import sharding
 from nmm_jax.checkpoint import Checkpointer
-from nmm_jax.data import pipeline
-from nmm_jax.data.stages import sum_over_processes
-from nmm_jax.eval.caption_eval import TrainingCaptionEval
-from nmm_jax.scaling import flops
+from nmm_jax.data import pipeline, shards
+from nmm_jax.eval.training import training_evaluators
+from nmm_jax.export import hf
 from nmm_jax.train import program as program_lib
 from nmm_jax.train import state as state_lib
 from nmm_jax.train.loss import losses_from_sums
-from nmm_jax.train.metrics import MetricsWriter, router_metrics
+from nmm_jax.train.metrics import MetricsWriter, StepWindow, format_record, step_record
 
 
 class _StopRequest:
@@ -54,34 +54,17 @@ class _StopRequest:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def place_batch(batch, shardings):
-  """Process-local numpy batch -> global jax arrays in their batch shardings."""
-  return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
-
-
-def evaluate(eval_step, params, config, directory, batch_sh, source_names):
+def held_out_loss(eval_step, params, config, directory, batch_sh, source_names) -> dict:
+  """{"eval/loss": ..., "eval/loss/<source>": ...} over `eval.num_batches` eval batches."""
   total = None
   dataset = pipeline.make_dataset(config, directory, "eval", seed=config.train.seed)
   for i, batch in enumerate(dataset):
     if i == config.eval.num_batches:
       break
     batch.pop("skipped")
-    sums = eval_step(params, place_batch(batch, batch_sh))
+    sums = eval_step(params, sharding.place_batch(batch, batch_sh))
     total = sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
   return losses_from_sums(jax.device_get(total), source_names, prefix="eval/")
-
-
-def format_record(step: int, record: dict) -> str:
-  def losses(prefix):
-    return " ".join(f"{k[len(prefix):]} {v:.3f}" for k, v in record.items()
-                    if k.startswith(prefix))
-  line = (f"step {step:5d} | loss {record['loss']:.4f} | {losses('loss/')} | "
-          f"lr {record['lr']:.2e} | {record['tokens_per_s']:.0f} tok/s | mfu {record['mfu']:.3f}")
-  if "eval/loss" in record:
-    line += f"\n           | eval loss {record['eval/loss']:.4f} | {losses('eval/loss/')}"
-  if "eval/caption/all" in record:
-    line += f"\n           | caption accuracy {losses('eval/caption/')}"
-  return line
 
 
 def train_and_evaluate(config, workdir: str, devices=None) -> list[dict]:
@@ -91,6 +74,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> list[dict]:
   """
   devices = jax.devices() if devices is None else devices
   mesh_shape = config_lib.validate(config, len(devices), jax.process_count())
+  hf.check_init_from(config)
   stop = _StopRequest()  # first: a SIGTERM during start-up must not kill the process either
   try:
     return _train(config, workdir, devices, mesh_shape, stop)
@@ -100,94 +84,47 @@ def train_and_evaluate(config, workdir: str, devices=None) -> list[dict]:
 
 def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
   mesh = sharding.make_mesh(mesh_shape, devices)
-  directory = pipeline.data_dir(config, workdir)
-  tokenizer = pipeline.load_tokenizer(config, directory)
-  if tokenizer.vocab_size > config.model.vocab_size:
-    raise config_lib.ConfigError(
-        f"config.model.vocab_size: {config.model.vocab_size} is smaller than the tokenizer's "
-        f"{tokenizer.vocab_size} entries ({tokenizer.path})")
+  directory = shards.ensure_data_dir(config, workdir)
+  tokenizer = _checked_tokenizer(config, directory)
   source_names = pipeline.source_names(config)
-
   program = program_lib.build(config, mesh, len(source_names))
-  state_sh, batch_sh = program.state_shardings, program.batch_shardings
-  state = program.create_state(config)
-
   checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep,
                               async_save=config.checkpoint.async_save)
   start_step = checkpointer.latest_step() or 0
   if start_step:
     config_lib.check_resumable(checkpointer.saved_config(start_step), config)
   data_iter = iter(pipeline.make_dataset(config, directory, "train", seed=config.train.seed))
-  if not start_step and config.train.init_from_hf:
-    from nmm_jax.export import hf
-    _, decoder = hf.import_folder(config.train.init_from_hf)
-    state = state_lib.set_params(state, decoder, state_sh)
-    logging.warning("Text decoder initialised from %s", config.train.init_from_hf)
-  if start_step:
-    state = checkpointer.restore(start_step, program.abstract_state(), data_iter, config)
-    logging.warning("Resumed from the checkpoint at step %d in %s", start_step, workdir)
-
-  train_step, eval_step = program.train_step, program.eval_step
-
-  captioner = TrainingCaptionEval.create(config, directory, tokenizer, mesh)
-
-  seq_flops = flops.train_flops_per_sequence(config.model, config.data.seq_len,
-                                               config.data.max_images)
-  step_flops = seq_flops * config.train.batch_size
-  peak_flops = hardware.peak_tflops_per_device(config.model.dtype) * 1e12 * len(devices)
-  tokens_per_step = config.train.batch_size * config.data.seq_len
-
+  state = _initial_state(config, workdir, program, checkpointer, start_step, data_iter)
+  evaluators = training_evaluators(config, directory, tokenizer, mesh)
+  window = StepWindow(config, len(devices))
   writer = MetricsWriter(workdir, resume_step=start_step)
-  records = []
-  is_main = jax.process_index() == 0
+  records, is_main = [], jax.process_index() == 0
   progress = tqdm(total=config.train.steps, initial=start_step, disable=not is_main,
                   desc="train", unit="step", dynamic_ncols=True)
-  window_start, window_steps, window_padding, window_wait = time.perf_counter(), 0, 0.0, 0.0
   step = last_saved = start_step
   try:
     while step < config.train.steps and not stop.requested:
-      wait_start = time.perf_counter()
-      host_batch = next(data_iter)
-      # Time the step loop stood waiting for data (the device keeps computing the previous
-      # step meanwhile: dispatch is asynchronous).
-      window_wait += time.perf_counter() - wait_start
+      with window.waiting_for_data():
+        host_batch = next(data_iter)
       skipped = host_batch.pop("skipped")
-      window_padding += float(np.mean(host_batch["segment_ids"] == 0))
-      batch = place_batch(host_batch, batch_sh)
-      state, metrics = train_step(state, batch)
+      window.add_step(host_batch)
+      state, metrics = program.train_step(
+          state, sharding.place_batch(host_batch, program.batch_shardings))
       step += 1
-      window_steps += 1
       progress.update(1)
-
       eval_now = step % config.eval.every_steps == 0 or step == config.train.steps
       if eval_now or step % config.train.log_every == 0:
-        metrics = jax.device_get(metrics)
-        window_time = time.perf_counter() - window_start
-        step_time = window_time / window_steps
-        record = losses_from_sums(metrics["sums"], source_names)
-        skipped = sum_over_processes(skipped)
-        if not np.isfinite(record["loss"]):
-          raise FloatingPointError(f"loss is {record['loss']} at step {step}")
-        record.update(lr=metrics["lr"], grad_norm=metrics["grad_norm"],
-                      tokens_per_s=tokens_per_step / step_time, step_time_s=step_time,
-                      mfu=step_flops / step_time / peak_flops,
-                      **{"data/packing_efficiency": 1.0 - window_padding / window_steps,
-                         "data/wait_fraction": window_wait / window_time},
-                      **{f"data/skipped/{k}": v for k, v in sorted(skipped.items())})
-        if "moe" in metrics:
-          record.update(router_metrics(metrics["moe"]))
+        record = step_record(jax.device_get(metrics), skipped, source_names, window, step)
         if eval_now:
-          record.update(evaluate(eval_step, state["params"], config, directory, batch_sh,
-                                 source_names))
-          if captioner is not None:
-            record.update(captioner(state["params"]))
+          record.update(held_out_loss(program.eval_step, state["params"], config, directory,
+                                      program.batch_shardings, source_names))
+          for evaluator in evaluators:
+            record.update(evaluator(state["params"]))
         writer.write(step, record)
         records.append({"step": step, **record})
         progress.set_postfix(loss=f"{record['loss']:.3f}")
         if is_main:
           progress.write(format_record(step, record))
-        window_start, window_steps, window_padding, window_wait = time.perf_counter(), 0, 0.0, 0.0
-
       if step % config.checkpoint.every_steps == 0 or step == config.train.steps:
         checkpointer.save(step, state, data_iter, config)
         last_saved = step
@@ -197,8 +134,9 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
       if step > last_saved:
         checkpointer.save(step, state, data_iter, config)
       logging.warning("SIGTERM: checkpoint at step %d saved, stopping", step)
-    elif is_main and captioner is not None and step == config.train.steps and captioner.shown():
-      progress.write(captioner.shown())
+    elif is_main and step == config.train.steps:
+      for summary in filter(None, (evaluator.summary() for evaluator in evaluators)):
+        progress.write(summary)
   finally:
     progress.close()
     checkpointer.close()
@@ -207,3 +145,27 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
     # now, not whenever the garbage collector gets to them.
     data_iter.close()
   return records
+
+
+def _checked_tokenizer(config, directory):
+  tokenizer = shards.load_tokenizer(config, directory)
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise config_lib.ConfigError(
+        f"config.model.vocab_size: {config.model.vocab_size} is smaller than the tokenizer's "
+        f"{tokenizer.vocab_size} entries ({tokenizer.path})")
+  return tokenizer
+
+
+def _initial_state(config, workdir, program, checkpointer, start_step, data_iter):
+  """The checkpoint at `start_step` (data iterator restored too) or, at 0, fresh parameters,
+  with the text decoder from train.init_from_hf when it is set."""
+  if start_step:
+    state = checkpointer.restore(start_step, program.abstract_state(), data_iter, config)
+    logging.warning("Resumed from the checkpoint at step %d in %s", start_step, workdir)
+    return state
+  state = program.create_state(config)
+  if config.train.init_from_hf:
+    _, decoder = hf.import_folder(config.train.init_from_hf)
+    state = state_lib.set_params(state, decoder, program.state_shardings)
+    logging.warning("Text decoder initialised from %s", config.train.init_from_hf)
+  return state

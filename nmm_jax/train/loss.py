@@ -12,37 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-
-def _chunked(x_BxL, chunk: int):
-  """[B, L, ...] -> [L/chunk, B, chunk, ...]: chunks along the sequence keep batch sharding."""
-  b, l = x_BxL.shape[:2]
-  return jnp.moveaxis(x_BxL.reshape(b, l // chunk, chunk, *x_BxL.shape[2:]), 1, 0)
-
-
-def _unchunked(x_NxBxC, shape):
-  return jnp.moveaxis(x_NxBxC, 0, 1).reshape(shape)
-
-
-def _chunk_logits(h_BxCxD, head_DxV):
-  """Logits in f32 from compute-dtype operands: the matmul runs at the bf16 rate and
-  accumulates in f32 (the softmax over 50k entries needs it)."""
-  return jnp.einsum("bcd,dv->bcv", h_BxCxD, head_DxV.astype(h_BxCxD.dtype),
-                    preferred_element_type=jnp.float32)
-
-
-def _nll_from_logits(logits_BxCxV, targets_BxC):
-  lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-  target_logit_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
-  return lse_BxC, lse_BxC - target_logit_BxC
-
-
-def token_nll(hidden_BxLxD, head_DxV, targets_BxL, chunk: int):
-  """Per-token negative log-likelihood [B, L] (f32), chunked along L; forward only."""
-  def body(_, xs):
-    h_BxCxD, t_BxC = xs
-    return None, _nll_from_logits(_chunk_logits(h_BxCxD, head_DxV), t_BxC)[1]
-  _, nll = jax.lax.scan(body, None, (_chunked(hidden_BxLxD, chunk), _chunked(targets_BxL, chunk)))
-  return _unchunked(nll, targets_BxL.shape)
+from nmm_jax.models.lm_head import chunk_logits, chunked, nll_from_logits, token_nll, unchunked
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -59,8 +29,8 @@ def _weighted_nll_fwd(hidden_BxLxD, head_DxV, targets_BxL, weights_BxL, chunk):
 
   def body(d_head_DxV, xs):
     h_BxCxD, t_BxC, w_BxC = xs
-    logits_BxCxV = _chunk_logits(h_BxCxD, head_DxV)
-    lse_BxC, nll_BxC = _nll_from_logits(logits_BxCxV, t_BxC)
+    logits_BxCxV = chunk_logits(h_BxCxD, head_DxV)
+    lse_BxC, nll_BxC = nll_from_logits(logits_BxCxV, t_BxC)
     # d(w * nll)/d logits = w * (softmax - onehot(target)). (Measured on XLA:CPU: sharing one exp
     # pass with the logsumexp, scattering the onehot, or flattening tokens for the head gradient
     # are all slower than this.)
@@ -75,10 +45,10 @@ def _weighted_nll_fwd(hidden_BxLxD, head_DxV, targets_BxL, weights_BxL, chunk):
                                          preferred_element_type=jnp.float32)
     return d_head_DxV, (nll_BxC, d_h_BxCxD)
 
-  xs = (_chunked(hidden_BxLxD, chunk), _chunked(targets_BxL, chunk), _chunked(weights_BxL, chunk))
+  xs = (chunked(hidden_BxLxD, chunk), chunked(targets_BxL, chunk), chunked(weights_BxL, chunk))
   d_head_DxV, (nll, d_h) = jax.lax.scan(body, jnp.zeros(head_DxV.shape, jnp.float32), xs)
-  nll_BxL = _unchunked(nll, targets_BxL.shape)
-  residuals = (_unchunked(d_h, hidden_BxLxD.shape), d_head_DxV.astype(head_DxV.dtype))
+  nll_BxL = unchunked(nll, targets_BxL.shape)
+  residuals = (unchunked(d_h, hidden_BxLxD.shape), d_head_DxV.astype(head_DxV.dtype))
   return (jnp.sum(nll_BxL * weights_BxL), nll_BxL), residuals
 
 

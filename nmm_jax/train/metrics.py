@@ -1,9 +1,84 @@
-"""Metrics to DIR/metrics.jsonl and TensorBoard (DIR/tb/); only process 0 writes."""
+"""A logged step's record (losses, speed, input figures, router statistics), its console line,
+and the writer to DIR/metrics.jsonl and TensorBoard (DIR/tb/); only process 0 writes."""
+import contextlib
 import json
 import os
+import time
 
 import jax
 import numpy as np
+
+from nmm_jax import hardware
+from nmm_jax.data.stages import sum_over_processes
+from nmm_jax.scaling import flops
+from nmm_jax.train.loss import losses_from_sums
+
+
+class StepWindow:
+  """Speed and input-pipeline figures over the steps since the last logged one."""
+
+  def __init__(self, config, num_devices: int):
+    seq_flops = flops.train_flops_per_sequence(config.model, config.data.seq_len,
+                                               config.data.max_images)
+    self.step_flops = seq_flops * config.train.batch_size
+    self.peak_flops = hardware.peak_tflops_per_device(config.model.dtype) * 1e12 * num_devices
+    self.tokens_per_step = config.train.batch_size * config.data.seq_len
+    self._restart()
+
+  def _restart(self):
+    self.start, self.steps, self.padding, self.wait = time.perf_counter(), 0, 0.0, 0.0
+
+  @contextlib.contextmanager
+  def waiting_for_data(self):
+    """Times the step loop standing still for data (the device keeps computing the previous
+    step meanwhile: dispatch is asynchronous)."""
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.wait += time.perf_counter() - start
+
+  def add_step(self, host_batch):
+    self.steps += 1
+    self.padding += float(np.mean(host_batch["segment_ids"] == 0))
+
+  def figures(self) -> dict:
+    """Tokens/s, step time, MFU, packing efficiency and wait fraction; starts a new window."""
+    window_time = time.perf_counter() - self.start
+    step_time = window_time / self.steps
+    out = {"tokens_per_s": self.tokens_per_step / step_time, "step_time_s": step_time,
+           "mfu": self.step_flops / step_time / self.peak_flops,
+           "data/packing_efficiency": 1.0 - self.padding / self.steps,
+           "data/wait_fraction": self.wait / window_time}
+    self._restart()
+    return out
+
+
+def step_record(metrics, skipped: dict, source_names, window: StepWindow, step: int) -> dict:
+  """The record of a logged train step from its (host) metrics and this process's skip counts;
+  every process calls it (the skip counts are summed over processes)."""
+  record = losses_from_sums(metrics["sums"], source_names)
+  skipped = sum_over_processes(skipped)
+  if not np.isfinite(record["loss"]):
+    raise FloatingPointError(f"loss is {record['loss']} at step {step}")
+  record.update(lr=metrics["lr"], grad_norm=metrics["grad_norm"], **window.figures(),
+                **{f"data/skipped/{k}": v for k, v in sorted(skipped.items())})
+  if "moe" in metrics:
+    record.update(router_metrics(metrics["moe"]))
+  return record
+
+
+def format_record(step: int, record: dict) -> str:
+  def losses(prefix):
+    return " ".join(f"{k[len(prefix):]} {v:.3f}" for k, v in record.items()
+                    if k.startswith(prefix))
+  line = (f"step {step:5d} | loss {record['loss']:.4f} | {losses('loss/')} | "
+          f"lr {record['lr']:.2e} | {record['tokens_per_s']:.0f} tok/s | mfu {record['mfu']:.3f}")
+  if "eval/loss" in record:
+    line += f"\n           | eval loss {record['eval/loss']:.4f} | {losses('eval/loss/')}"
+  if "eval/caption/all" in record:
+    line += f"\n           | caption accuracy {losses('eval/caption/')}"
+  return line
 
 
 class MetricsWriter:

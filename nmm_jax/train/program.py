@@ -12,13 +12,11 @@ import numpy as np
 import optax
 
 from nmm_jax import sharding
+from nmm_jax.data import batch as batch_lib
+from nmm_jax.models.variables import abstract_model_state
 from nmm_jax.train import optimizer as optimizer_lib
 from nmm_jax.train import state as state_lib
 from nmm_jax.train.step import make_eval_step, make_train_step
-
-# Rank of each batch-contract array (the shardings are needed before the first batch, for jit).
-BATCH_NDIMS = {"tokens": 2, "targets": 2, "loss_mask": 2, "image_ids": 2, "patch_ids": 2,
-               "source": 2, "segment_ids": 2, "positions": 2, "images": 5}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,26 +42,21 @@ class TrainProgram:
     return state_lib.create_state(config.model, self.tx, config.train.seed, self.state_shardings)
 
 
-def batch_shapes(config, batch_size: int, keys=tuple(BATCH_NDIMS)) -> dict:
+def batch_shapes(config, batch_size: int, keys=tuple(batch_lib.FIELDS)) -> dict:
   """{key: (shape, dtype)} of a global batch of `batch_size` rows in the batch contract."""
-  b, l, d = batch_size, config.data.seq_len, config.data
-  shapes = {"tokens": ((b, l), np.int32), "targets": ((b, l), np.int32),
-            "loss_mask": ((b, l), np.float32), "image_ids": ((b, l), np.int32),
-            "patch_ids": ((b, l), np.int32), "source": ((b, l), np.int32),
-            "segment_ids": ((b, l), np.int32), "positions": ((b, l), np.int32),
-            "images": ((b, d.max_images, d.image_size, d.image_size, config.model.num_channels),
-                       np.uint8)}
-  return {k: shapes[k] for k in keys}
+  d = config.data
+  return batch_lib.shapes(batch_size, d.seq_len, d.max_images, d.image_size, d.image_size,
+                          config.model.num_channels, keys=keys)
 
 
 def build(config, mesh, num_sources: int, batch_ndims=None) -> TrainProgram:
   """The steps of `config` over `mesh`. `batch_ndims`: the batch's keys and ranks (default: the
   whole batch contract; text-only benchmark batches have no images)."""
-  batch_ndims = BATCH_NDIMS if batch_ndims is None else batch_ndims
+  batch_ndims = batch_lib.ndims() if batch_ndims is None else batch_ndims
   rules = config.sharding_rules
   tx = optimizer_lib.make_optimizer(config.train, config.model)
   schedule = optimizer_lib.learning_rate_schedule(config.train)
-  graphdef, abstract_params = state_lib.abstract_model_state(config.model)
+  graphdef, abstract_params = abstract_model_state(config.model)
   state_sh = state_lib.state_shardings(abstract_params, tx, rules, mesh)
   batch_sh = sharding.batch_shardings(batch_ndims, mesh, rules)
   train_step = jax.jit(
@@ -76,8 +69,8 @@ def build(config, mesh, num_sources: int, batch_ndims=None) -> TrainProgram:
                       out_shardings=sharding.replicated(mesh))
   return TrainProgram(mesh=mesh, graphdef=graphdef, abstract_params=abstract_params, tx=tx,
                       schedule=schedule, state_shardings=state_sh, batch_shardings=batch_sh,
-                      train_step=sharding.traced_under(mesh, train_step),
-                      eval_step=sharding.traced_under(mesh, eval_step))
+                      train_step=sharding.traced_under(mesh, train_step, rules),
+                      eval_step=sharding.traced_under(mesh, eval_step, rules))
 
 
 def abstract_batch(program: TrainProgram, config, batch_size: int) -> dict:

@@ -9,12 +9,7 @@ from flax import nnx
 
 from nmm_jax import sharding
 from nmm_jax.models import NMM
-
-
-def abstract_model_state(model_cfg):
-  """(graphdef, abstract params) without allocating anything."""
-  abstract_model = nnx.eval_shape(lambda: NMM(model_cfg, rngs=nnx.Rngs(0)))
-  return nnx.split(abstract_model)
+from nmm_jax.models.variables import flat_variables
 
 
 def state_shardings(abstract_params, tx, rules, mesh):
@@ -34,12 +29,6 @@ def create_state(model_cfg, tx, seed: int, shardings):
     _, params = nnx.split(NMM(model_cfg, rngs=nnx.Rngs(seed)))
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
   return init()
-
-
-def flat_variables(params: nnx.State) -> dict:
-  """{"decoder.blocks.attn.w_q_DxHxE": variable, ...}: parameters by their path in the model
-  (the names exports and imports use)."""
-  return {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(params)}
 
 
 def set_params(state, arrays: dict, shardings):

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from nmm_jax.train.loss import loss_sums, token_nll, weighted_nll
+from nmm_jax.models.lm_head import token_nll
+from nmm_jax.train.loss import loss_sums, weighted_nll
 
 
 def moe_aux_loss(stats, moe):

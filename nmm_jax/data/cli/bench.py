@@ -14,7 +14,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from nmm_jax import config as config_lib
-from nmm_jax.data import pipeline
+from nmm_jax.data import pipeline, shards
 
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.DEFINE_list("workers", ["0", "1", "2"], "Worker-process counts to measure.")
@@ -74,7 +74,7 @@ def main(argv):
   import jax
   config_lib.validate(config, jax.device_count(), jax.process_count())
   workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="nmm-data-bench-")
-  directory = pipeline.data_dir(config, workdir)
+  directory = shards.ensure_data_dir(config, workdir)
   print(f"data: {directory}")
   print(f"{'workers':>7} {'sequences/s':>12} {'images/s':>9} {'text tokens/s':>14}")
   for workers in (int(w) for w in FLAGS.workers):

@@ -15,8 +15,8 @@ from absl import flags
 from PIL import Image, ImageDraw, ImageFont
 
 from nmm_jax.data import images
-from nmm_jax.data.cli.common import expand_shards, find_tokenizer, iter_documents
 from nmm_jax.data.records import ImageSegment
+from nmm_jax.data.shards import expand_shards, find_tokenizer, iter_documents
 from nmm_jax.data.tokenizer import load_tokenizer
 
 flags.DEFINE_string("split", "", "Only shards of this split (train/eval); default all.")

@@ -12,7 +12,7 @@ import time
 
 from absl import flags
 
-from nmm_jax.data.cli.common import expand_shards, iter_documents
+from nmm_jax.data.shards import expand_shards, iter_documents
 from nmm_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 
 flags.DEFINE_string("out", "", "Model file (default: tokenizer.model in the first argument, "

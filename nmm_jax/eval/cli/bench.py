@@ -13,13 +13,11 @@ import time
 import jax
 import numpy as np
 from absl import flags
-from flax import nnx
 from ml_collections import config_flags
 
-from nmm_jax.hardware import peak_memory_bytes
 from nmm_jax.eval.inference import InferenceModel
 from nmm_jax.eval.sequences import build_sequence
-from nmm_jax.models import NMM
+from nmm_jax.hardware import peak_memory_bytes
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench.py", "Model config.",
                                           lock_config=True)
@@ -56,8 +54,7 @@ def _median_seconds(fn, repeats):
 def main(argv):
   del argv
   config = _CONFIG.value
-  model = InferenceModel(config, nnx.state(NMM(config.model, rngs=nnx.Rngs(0))),
-                         _RandomTokenizer(config.model.vocab_size))
+  model = InferenceModel.initialised(config, _RandomTokenizer(config.model.vocab_size))
   rng = np.random.default_rng(0)
   size = config.data.image_size
   images = rng.integers(0, 256, (FLAGS.images, size, size, 3))

@@ -3,7 +3,6 @@ import json
 
 from absl import flags
 
-from nmm_jax.data.pipeline import run_data_folder
 from nmm_jax.eval import held_out
 from nmm_jax.eval.run_model import load_run
 
@@ -19,8 +18,8 @@ FLAGS = flags.FLAGS
 def load(source: str):
   """(the run's model, held-out caption pairs of `source`)."""
   model = load_run(FLAGS.workdir, FLAGS.step)
-  directory = FLAGS.data_dir or run_data_folder(model.config, FLAGS.workdir)
-  examples = held_out.caption_examples(directory, source, model.image_size, limit=FLAGS.num)
+  examples = held_out.run_caption_examples(model.config, FLAGS.workdir, source, model.image_size,
+                                           data_dir=FLAGS.data_dir, limit=FLAGS.num)
   return model, examples
 
 

@@ -36,4 +36,5 @@ def main(argv):
   write_runs(FLAGS.out, rows)
   print(f"wrote {FLAGS.out}: {len(rows)} runs")
   for r in rows:
-    print(f"  {r['run']:16s} N {r['N']:>10,}  D {r['D']:>11,}  C {r['C']:.3g}  loss {r['loss']:.4f}")
+    print(f"  {r['run']:16s} N {r['N']:>10,}  D {r['D']:>11,}  C {r['C']:.3g}  "
+          f"loss {r['loss']:.4f}")

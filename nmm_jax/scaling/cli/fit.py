@@ -71,7 +71,8 @@ def format_result(r: dict, target: str) -> str:
             for o in r["optimal"]]
   if "frontier" in r:
     f = r["frontier"]
-    lines.append(f"lowest-loss frontier ({f['runs']} runs): {target} = {f['k']:.4g} * C^{f['c']:.4f}")
+    lines.append(f"lowest-loss frontier ({f['runs']} runs): "
+                 f"{target} = {f['k']:.4g} * C^{f['c']:.4f}")
   return "\n".join(lines)
 
 

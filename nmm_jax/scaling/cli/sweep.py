@@ -39,8 +39,7 @@ def _config_overrides() -> list:
   given = [a for a in sys.argv[1:] if a.startswith("--config.")]
   if FLAGS.config.data.dir:
     return given
-  from nmm_jax.data import pipeline
-  return given + [f"--config.data.dir={pipeline.data_dir(FLAGS.config, FLAGS.out)}"]
+  return given + [f"--config.data.dir={sweep_lib.ensure_shared_data_dir(FLAGS.config, FLAGS.out)}"]
 
 
 def main(argv):
