@@ -58,7 +58,8 @@ def benchmark(config) -> dict:
   from nmm_jax.train import program as program_lib
 
   devices = jax.devices()
-  mesh = sharding.make_mesh(config_lib.validate(config, len(devices)), devices)
+  mesh = sharding.make_mesh(config_lib.validate(config, len(devices)), devices,
+                            config_lib.dcn_shape(config.mesh))
   device = devices[0]
   size = config.bench.matmul_size
   peaks = {dt: hardware.measure_peak_tflops(dt, size) for dt in ("float32", "bfloat16")}

@@ -4,6 +4,7 @@ Experiment files in configs/ call `base_config()` and change what they need. `va
 before any model is built or compiled and raises ConfigError naming the offending key.
 """
 import copy
+import math
 
 import ml_collections
 
@@ -64,7 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
       fusion_decoder_layers=(),        # internal modes: the decoder layer each other listed
                                        # encoder layer is added / cross-attended before
   )
-  c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1)
+  # dcn_data / dcn_fsdp: how many TPU slices (or GPU hosts) the data / fsdp axes span, over the
+  # data-centre network (MaxText's dcn_* split); the rest of each axis is within a slice.
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1, dcn_data=1, dcn_fsdp=1)
   c.sharding_rules = DEFAULT_SHARDING_RULES
 
   c.data = dict(
@@ -100,6 +103,12 @@ def base_config() -> ml_collections.ConfigDict:
       b2=0.95,
       clip_norm=1.0,
       log_every=10,
+      # Compiled programs kept across runs (a restart skips the compile): a folder, relative to
+      # the workdir unless absolute (a shared path serves every run); "" turns it off. A cache
+      # already configured (JAX_COMPILATION_CACHE_DIR) is left as it is.
+      compilation_cache="compile_cache",
+      microbatches=1,         # gradient accumulation: the batch runs as this many microbatches
+                              # in one jitted step (peak memory falls; same update)
       loss_chunk=64,          # sequence positions per chunk of the fused LM head + loss
   )
   c.eval = dict(
@@ -219,6 +228,14 @@ def _validate_late_fusion(c):
              f"is only used by internal_add / internal_xattn, got {targets}")
 
 
+DCN_AXES = ("data", "fsdp")
+
+
+def dcn_shape(mesh_cfg) -> dict:
+  """{axis: parts across slices / hosts} from mesh.dcn_* (sharding.make_mesh's dcn_shape)."""
+  return {axis: mesh_cfg.get(f"dcn_{axis}", 1) for axis in DCN_AXES}
+
+
 def resolve_mesh_shape(mesh_cfg, num_devices: int) -> dict:
   """Mesh axis sizes with the one -1 replaced by the devices left over."""
   sizes = {axis: mesh_cfg[axis] for axis in MESH_AXES}
@@ -285,7 +302,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
            f"must map source names to non-negative weights with a positive sum, got {weights}")
 
   t = c.train
-  for key in ("steps", "batch_size", "log_every", "loss_chunk"):
+  for key in ("steps", "batch_size", "log_every", "loss_chunk", "microbatches"):
     _positive_int(c, f"train.{key}")
   _require(d.seq_len % t.loss_chunk == 0, "train.loss_chunk",
            f"must divide data.seq_len={d.seq_len}, got {t.loss_chunk}")
@@ -318,10 +335,20 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
     _require(not unknown, "sharding_rules",
              f"rule {tuple(rule)!r} names {unknown}, not mesh axes {MESH_AXES}")
   mesh = resolve_mesh_shape(c.mesh, num_devices)
+  for axis, parts in dcn_shape(c.mesh).items():
+    _require(isinstance(parts, int) and parts > 0 and mesh[axis] % parts == 0,
+             f"mesh.dcn_{axis}", f"must be a positive integer dividing mesh.{axis}="
+             f"{mesh[axis]} (the slices or hosts that axis spans), got {parts!r}")
+  _require(num_devices % math.prod(dcn_shape(c.mesh).values()) == 0, "mesh",
+           f"mesh.dcn_* = {dcn_shape(c.mesh)} does not divide the {num_devices} devices")
   shards = batch_shards(c.sharding_rules, mesh)
   _require(t.batch_size % shards == 0, "train.batch_size",
            f"{t.batch_size} is not divisible by the batch-sharding mesh axes "
            f"{'*'.join(batch_axes(c.sharding_rules))} = {shards}")
+  _require(t.batch_size % (shards * t.microbatches) == 0, "train.microbatches",
+           f"{t.microbatches} microbatches of train.batch_size={t.batch_size} do not each split "
+           f"over the {shards} batch shards (batch_size must be a multiple of "
+           f"microbatches x {shards})")
   _require(t.batch_size % num_processes == 0, "train.batch_size",
            f"{t.batch_size} is not divisible by the {num_processes} processes")
   streams = d.streams or num_processes

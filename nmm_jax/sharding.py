@@ -6,8 +6,8 @@ import math
 from typing import Sequence
 
 import jax
-import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
@@ -24,6 +24,15 @@ DEFAULT_SHARDING_RULES = (
     ("exp", "expert"),
     ("layers", None),
     ("length", None),
+    # Activations (models/ constrains them with `constrain`): tokens over the batch axes above,
+    # the residual stream's width whole, attention heads and MLP / vocabulary columns over
+    # tensor (Megatron). ("activation_length", "tensor") is sequence parallelism.
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
 )
 
 # The rules of the program being traced (traced_under sets them): layers that lay out their own
@@ -57,17 +66,40 @@ def traced_rules():
   return _TRACED_RULES.get()
 
 
-def make_mesh(mesh_shape: dict, devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
+def make_mesh(mesh_shape: dict, devices=None, dcn_shape: dict | None = None) -> Mesh:
+  """The device mesh of these axis sizes. Devices are ordered by the chips' interconnect
+  (mesh_utils: neighbouring ranks of an axis are ICI neighbours on a TPU slice). `dcn_shape`
+  ({axis: parts}, mesh.dcn_*) splits axes across TPU slices or GPU hosts, which talk over the
+  slower data-centre network: a hybrid mesh whose DCN part is outermost, so only those axes'
+  collectives cross it. ValueError when the devices do not form that many granules."""
+  devices = jax.devices() if devices is None else list(devices)
   shape = tuple(mesh_shape[a] for a in MESH_AXES)
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  dcn = tuple((dcn_shape or {}).get(a, 1) for a in MESH_AXES)
+  if math.prod(dcn) == 1:
+    array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  else:
+    # Granules: TPU slices (devices carry slice_index), else processes (one per GPU host).
+    by_process = not hasattr(devices[0], "slice_index")
+    key = "process_index" if by_process else "slice_index"
+    granules = len({getattr(d, key) for d in devices})
+    if granules != math.prod(dcn):
+      raise ValueError(f"mesh.dcn_* = {dict(zip(MESH_AXES, dcn))} needs {math.prod(dcn)} "
+                       f"{'processes' if by_process else 'TPU slices'}; the devices form "
+                       f"{granules}")
+    ici = tuple(s // d for s, d in zip(shape, dcn))
+    array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process,
+                                                 allow_split_physical_axes=True)
+  return Mesh(array, MESH_AXES)
 
 
-def logical_to_spec(logical_axes: Sequence[str | None], rules, mesh: Mesh) -> PartitionSpec:
+def logical_to_spec(logical_axes: Sequence[str | None], rules, mesh: Mesh,
+                    shape: Sequence[int] | None = None) -> PartitionSpec:
   """Maps each logical axis name to mesh axes by the first matching rule.
 
   Mesh axes of size 1 are dropped (they shard nothing), and a mesh axis already used by an
-  earlier dimension of the same array is not used again (a spec may name each axis once).
+  earlier dimension of the same array is not used again (a spec may name each axis once). With
+  `shape`, a dimension keeps only the leading mesh axes whose sizes divide it (a batch of one
+  sequence for decoding stays whole).
   """
   rule_table = {}
   for logical, physical in rules:
@@ -81,9 +113,25 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules, mesh: Mesh) -> Pa
       continue
     physical = (physical,) if isinstance(physical, str) else tuple(physical)
     kept = tuple(a for a in physical if mesh.shape[a] > 1 and a not in used)
+    if shape is not None:
+      size = shape[len(spec)]
+      divides = [math.prod(mesh.shape[a] for a in kept[:i + 1]) for i in range(len(kept))]
+      kept = tuple(a for a, parts in zip(kept, divides) if size % parts == 0)
     used.update(kept)
     spec.append(kept if len(kept) > 1 else (kept[0] if kept else None))
   return PartitionSpec(*spec)
+
+
+def constrain(x, logical_axes: Sequence[str | None]):
+  """`x` laid out by its logical axes under the traced rules and the context mesh (a no-op
+  outside one, e.g. a model called eagerly or jitted without a mesh). Without these, GSPMD
+  would let a weight's sharding leak into the activations: the embedding table's `embed ->
+  fsdp` split carried through the layer scan as [whole batch, L, D/fsdp]."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    return x
+  spec = logical_to_spec(logical_axes, traced_rules(), mesh, shape=x.shape)
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
 def param_shardings(abstract_params: nnx.State, rules, mesh: Mesh):

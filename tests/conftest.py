@@ -1,9 +1,18 @@
 """Tests run JAX on the CPU with 8 fake devices: every sharding path runs without accelerators."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
+# One persistent compilation cache for the suite and every process it starts: the same tiny
+# programs are compiled by many tests and commands. A run's own default cache
+# (train.compilation_cache, under its workdir) yields to it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="nmm-tests-compile-cache-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402

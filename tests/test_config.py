@@ -38,6 +38,8 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
     ({"model.dtype": "float16"}, "config.model.dtype"),
     ({"sharding_rules": (("batch", "replica"),)}, "config.sharding_rules"),
     ({"sharding_rules": (("batch",),)}, "config.sharding_rules"),
+    ({"mesh.dcn_data": 3}, "config.mesh.dcn_data"),
+    ({"mesh.data": 4, "mesh.fsdp": 2, "mesh.dcn_fsdp": 0}, "config.mesh.dcn_fsdp"),
 ])
 def test_bad_value_names_key(overrides, key):
   with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -1,10 +1,12 @@
 """A sharded run equals an unsharded one, and the large parameters really are split."""
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from conftest import tiny_config
 from nmm_jax import sharding
+from nmm_jax.compile import topologies
 from nmm_jax.models.variables import abstract_model_state
 from nmm_jax.train import optimizer, state
 from nmm_jax.train.loop import train_and_evaluate
@@ -53,3 +55,20 @@ def test_large_parameters_are_split():
   for path, variable in nnx.to_flat_state(abstract):
     axes = variable.get_metadata()["out_sharding"]
     assert len(axes) == variable.get_value().ndim, path
+
+
+def test_mesh_orders_devices_by_the_interconnect():
+  """CPU devices keep their order; a v5p slice's compile-only chips are laid out by mesh_utils
+  (each axis over ICI neighbours); mesh.dcn_* asks for as many slices / hosts as it splits."""
+  mesh = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1, expert=1))
+  assert [d.id for d in mesh.devices.flat] == [d.id for d in jax.devices()]
+  tpu = topologies.target("v5p-16").devices  # 8 chips, 2x2x2
+  mesh = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1, expert=1), tpu)
+  coords = np.array([[d.coords for d in row.flat] for row in mesh.devices])  # [data, 4, xyz]
+  assert sorted(map(tuple, coords.reshape(-1, 3))) == sorted(tuple(d.coords) for d in tpu)
+  # Each fsdp group is a 2x2 plane of the torus (its collectives stay on ICI links between
+  # neighbours); the data axis runs along the third dimension.
+  for group in coords:
+    assert sum(len(set(group[:, axis])) == 1 for axis in range(3)) == 1, coords
+  with pytest.raises(ValueError, match="needs 2 processes; the devices form 1"):
+    sharding.make_mesh(dict(data=2, fsdp=4, tensor=1, expert=1), dcn_shape={"data": 2})

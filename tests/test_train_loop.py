@@ -140,3 +140,25 @@ def test_bfloat16_trains_like_float32(straight_run, shapes_data_dir, tmp_path):
   assert bf16[STEPS]["loss"] < 0.5 * bf16[1]["loss"]
   assert abs(bf16[STEPS]["loss"] - f32[STEPS]["loss"]) < 0.03 * f32[STEPS]["loss"]
   assert abs(bf16[STEPS]["eval/loss"] - f32[STEPS]["eval/loss"]) < 0.03 * f32[STEPS]["eval/loss"]
+
+
+def test_compilation_cache_under_the_workdir_unless_one_is_set(straight_run, tmp_path):
+  """train.compilation_cache: by default WORKDIR/compile_cache; "" off; a cache already
+  configured (here the suite's, JAX_COMPILATION_CACHE_DIR) wins. JAX writes the compiled
+  programs there on the CPU too: the suite's cache holds the straight run's."""
+  import jax
+
+  from nmm_jax.train.loop import use_compilation_cache
+  assert os.listdir(os.environ["JAX_COMPILATION_CACHE_DIR"])
+  suite_cache = jax.config.jax_compilation_cache_dir
+  try:
+    jax.config.update("jax_compilation_cache_dir", None)
+    use_compilation_cache(tiny_config(**{"train.compilation_cache": ""}), str(tmp_path))
+    assert jax.config.jax_compilation_cache_dir is None
+    use_compilation_cache(tiny_config(), str(tmp_path))
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "compile_cache")
+    use_compilation_cache(tiny_config(**{"train.compilation_cache": "/shared/cache"}),
+                          str(tmp_path))
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "compile_cache")
+  finally:
+    jax.config.update("jax_compilation_cache_dir", suite_cache)

@@ -49,7 +49,7 @@ def _program(config, target, batch: int, **values):
   target's devices)."""
   config = config_lib.with_values(config, **{"train.batch_size": batch, **values})
   mesh_shape = config_lib.validate(config, len(target.devices))
-  mesh = sharding.make_mesh(mesh_shape, target.devices)
+  mesh = sharding.make_mesh(mesh_shape, target.devices, config_lib.dcn_shape(config.mesh))
   return config, mesh_shape, program_lib.build(config, mesh, len(pipeline.source_names(config)))
 
 

@@ -3,7 +3,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nmm_jax import sharding
 from nmm_jax.models.layers import RMSNorm, apply_rope, fan_in_init, make_param
+
+_HEADS = ("batch", "activation_length", "activation_heads", None)
+_KV_HEADS = ("batch", "activation_length", "activation_kv_heads", None)
 
 # Finite rather than -inf: a padding query row masks every key, and -inf would give NaN there.
 _MASKED = -1e30
@@ -49,8 +53,9 @@ class Attention(nnx.Module):
       w_DxHxE = w_DxHxE[...].astype(x_BxLxD.dtype)
       return (x_NxD @ w_DxHxE.reshape(d, -1)).reshape(b, l, *w_DxHxE.shape[1:])
 
-    q_BxLxHxE = project(self.w_q_DxHxE)
-    k_BxLxKxE, v_BxLxKxE = project(self.w_k_DxKxE), project(self.w_v_DxKxE)
+    q_BxLxHxE = sharding.constrain(project(self.w_q_DxHxE), _HEADS)
+    k_BxLxKxE = sharding.constrain(project(self.w_k_DxKxE), _KV_HEADS)
+    v_BxLxKxE = sharding.constrain(project(self.w_v_DxKxE), _KV_HEADS)
     if self.q_norm is not None:
       q_BxLxHxE, k_BxLxKxE = self.q_norm(q_BxLxHxE), self.k_norm(k_BxLxKxE)
     return apply_rope(q_BxLxHxE, rope), apply_rope(k_BxLxKxE, rope), v_BxLxKxE
@@ -78,7 +83,7 @@ class Attention(nnx.Module):
     sum_BxLxH = jnp.moveaxis(jnp.sum(exp_BxHxLxM, axis=-1), 2, 1)
     out_BxLxHxE = jnp.einsum("bhlm,bmhe->blhe", exp_BxHxLxM.astype(dtype), v_BxMxHxE,
                              preferred_element_type=jnp.float32)
-    out_BxLxHxE = (out_BxLxHxE / sum_BxLxH[..., None]).astype(dtype)
+    out_BxLxHxE = sharding.constrain((out_BxLxHxE / sum_BxLxH[..., None]).astype(dtype), _HEADS)
     d = self.w_o_HxExD.shape[-1]
     w_o_HExD = self.w_o_HxExD[...].astype(dtype).reshape(h * e, d)
     return (out_BxLxHxE.reshape(b * l, h * e) @ w_o_HExD).reshape(b, l, d)

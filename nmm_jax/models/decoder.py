@@ -7,8 +7,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nmm_jax import sharding
 from nmm_jax.models.attention import Attention
-from nmm_jax.models.layers import REMAT_POLICIES, RMSNorm, SwiGLU, rope_tables, stacked
+from nmm_jax.models.layers import (
+    REMAT_POLICIES,
+    RESIDUAL,
+    RMSNorm,
+    SwiGLU,
+    rope_tables,
+    stacked,
+)
 from nmm_jax.models.moe import MoEMLP
 
 
@@ -27,12 +35,16 @@ class DecoderBlock(nnx.Module):
       self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, param_dtype=dtype, rngs=rngs)
 
   def __call__(self, x_BxLxD, rope, mask_Bx1xLxL, is_image_BxL, valid_BxL):
-    """(x, MoE statistics of this layer: {} for a dense MLP)."""
-    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), rope, mask_Bx1xLxL)
+    """(x, MoE statistics of this layer: {} for a dense MLP). The residual stream is laid out
+    by its logical axes at the block's input, between attention and MLP, and at its output (the
+    scan carry), so the layers gather weights rather than reduce activations."""
+    x_BxLxD = sharding.constrain(x_BxLxD, RESIDUAL)
+    x_BxLxD = sharding.constrain(
+        x_BxLxD + self.attn(self.attn_norm(x_BxLxD), rope, mask_Bx1xLxL), RESIDUAL)
     if self.moe:
       y_BxLxD, stats = self.mlp(self.mlp_norm(x_BxLxD), is_image_BxL, valid_BxL)
-      return x_BxLxD + y_BxLxD, stats
-    return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD)), {}
+      return sharding.constrain(x_BxLxD + y_BxLxD, RESIDUAL), stats
+    return sharding.constrain(x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD)), RESIDUAL), {}
 
   def cached(self, x_BxLxD, rope, mask_Bx1xLxT, is_image_BxL, valid_BxL, cache, write_at):
     """Decoding (see Attention.cached): (x, updated cache); MoE statistics are dropped."""

@@ -10,12 +10,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nmm_jax import sharding
+
 # model.remat: what a layer keeps for the backward pass (the decoder's and the ViT's blocks).
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation: fastest when activations fit
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+# Logical axes of the residual stream [B, L, D] and of flattened tokens [B*L, ...].
+RESIDUAL = ("batch", "activation_length", "activation_embed")
 
 
 def make_param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Sequence[str | None],
@@ -94,4 +100,5 @@ class SwiGLU(nnx.Module):
     x_NxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1])
     cast = lambda p: p[...].astype(x_BxLxD.dtype)
     h_NxF = jax.nn.silu(x_NxD @ cast(self.w_gate_DxF)) * (x_NxD @ cast(self.w_up_DxF))
+    h_NxF = sharding.constrain(h_NxF, ("batch", "activation_mlp"))
     return (h_NxF @ cast(self.w_down_FxD)).reshape(x_BxLxD.shape)

@@ -5,6 +5,8 @@ computed chunk by chunk along the sequence so no [tokens, vocab] logits array is
 import jax
 import jax.numpy as jnp
 
+from nmm_jax import sharding
+
 
 def chunked(x_BxL, chunk: int):
   """[B, L, ...] -> [L/chunk, B, chunk, ...]: chunks along the sequence keep batch sharding."""
@@ -19,8 +21,10 @@ def unchunked(x_NxBxC, shape):
 def chunk_logits(h_BxCxD, head_DxV):
   """Logits in f32 from compute-dtype operands: the matmul runs at the bf16 rate and
   accumulates in f32 (the softmax over 50k entries needs it)."""
-  return jnp.einsum("bcd,dv->bcv", h_BxCxD, head_DxV.astype(h_BxCxD.dtype),
-                    preferred_element_type=jnp.float32)
+  h_BxCxD = sharding.constrain(h_BxCxD, ("batch", "activation_length", "activation_embed"))
+  logits_BxCxV = jnp.einsum("bcd,dv->bcv", h_BxCxD, head_DxV.astype(h_BxCxD.dtype),
+                            preferred_element_type=jnp.float32)
+  return sharding.constrain(logits_BxCxV, ("batch", "activation_length", "activation_vocab"))
 
 
 def nll_from_logits(logits_BxCxV, targets_BxC):

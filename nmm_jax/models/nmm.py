@@ -10,10 +10,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nmm_jax import sharding
 from nmm_jax.models import fusion
 from nmm_jax.models.attention import attention_mask
 from nmm_jax.models.decoder import Decoder
-from nmm_jax.models.layers import RMSNorm, fan_in_init, make_param
+from nmm_jax.models.layers import RESIDUAL, RMSNorm, fan_in_init, make_param
 
 
 class NMM(nnx.Module):
@@ -44,7 +45,8 @@ class NMM(nnx.Module):
     """Token embeddings, the image positions filled by the front end from `images` (its
     `encode` of the batch; None without images)."""
     x_BxLxD = jnp.take(self.embed_VxD[...], batch["tokens"], axis=0).astype(self.compute_dtype)
-    return self.front_end.embed(self, x_BxLxD, batch, images)
+    x_BxLxD = sharding.constrain(x_BxLxD, RESIDUAL)
+    return sharding.constrain(self.front_end.embed(self, x_BxLxD, batch, images), RESIDUAL)
 
   def forward(self, batch):
     """(final hidden states [B, L, D] after the final norm, MoE statistics per layer: {} for

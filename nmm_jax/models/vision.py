@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nmm_jax.models.layers import REMAT_POLICIES, fan_in_init, make_param, stacked
+from nmm_jax import sharding
+from nmm_jax.models.layers import REMAT_POLICIES, RESIDUAL, fan_in_init, make_param, stacked
 
 
 class LayerNorm(nnx.Module):
@@ -38,6 +39,7 @@ class MLP(nnx.Module):
   def __call__(self, x):
     lead, c = x.shape[:-1], x.shape[-1]
     h = jax.nn.gelu(x.reshape(-1, c) @ self.w_in_CxF[...].astype(x.dtype))
+    h = sharding.constrain(h, ("batch", "activation_mlp"))
     return (h @ self.w_out_FxD[...].astype(x.dtype)).reshape(*lead, -1)
 
 
@@ -72,8 +74,10 @@ class VisionBlock(nnx.Module):
     self.mlp = MLP(v.d_model, v.mlp_dim, v.d_model, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x_NxPxW):
-    x_NxPxW = x_NxPxW + self.attn(self.attn_norm(x_NxPxW))
-    return x_NxPxW + self.mlp(self.mlp_norm(x_NxPxW))
+    # The images' stream is laid out like the decoder's: images over the batch axes.
+    x_NxPxW = sharding.constrain(x_NxPxW, RESIDUAL)
+    x_NxPxW = sharding.constrain(x_NxPxW + self.attn(self.attn_norm(x_NxPxW)), RESIDUAL)
+    return sharding.constrain(x_NxPxW + self.mlp(self.mlp_norm(x_NxPxW)), RESIDUAL)
 
 
 class VisionEncoder(nnx.Module):

@@ -6,6 +6,7 @@ eval/training.py (the loop knows none by name), a Hugging Face start from export
 Stopping (SIGTERM) saves a checkpoint and returns; running the same command again resumes from
 the latest checkpoint, data-iterator position included.
 """
+import os
 import signal
 
 import jax
@@ -75,6 +76,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> list[dict]:
   devices = jax.devices() if devices is None else devices
   mesh_shape = config_lib.validate(config, len(devices), jax.process_count())
   hf.check_init_from(config)
+  use_compilation_cache(config, workdir)
   stop = _StopRequest()  # first: a SIGTERM during start-up must not kill the process either
   try:
     return _train(config, workdir, devices, mesh_shape, stop)
@@ -82,8 +84,16 @@ def train_and_evaluate(config, workdir: str, devices=None) -> list[dict]:
     stop.restore()
 
 
+def use_compilation_cache(config, workdir: str):
+  """Points JAX's persistent compilation cache at train.compilation_cache (see config.py)."""
+  if jax.config.jax_compilation_cache_dir or not config.train.compilation_cache:
+    return
+  jax.config.update("jax_compilation_cache_dir",
+                    os.path.join(workdir, config.train.compilation_cache))
+
+
 def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
-  mesh = sharding.make_mesh(mesh_shape, devices)
+  mesh = sharding.make_mesh(mesh_shape, devices, config_lib.dcn_shape(config.mesh))
   directory = shards.ensure_data_dir(config, workdir)
   tokenizer = _checked_tokenizer(config, directory)
   source_names = pipeline.source_names(config)

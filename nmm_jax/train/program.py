@@ -61,7 +61,7 @@ def build(config, mesh, num_sources: int, batch_ndims=None) -> TrainProgram:
   batch_sh = sharding.batch_shardings(batch_ndims, mesh, rules)
   train_step = jax.jit(
       make_train_step(graphdef, tx, schedule, num_sources, config.train.loss_chunk,
-                      config.model.moe, config.model.dtype),
+                      config.model.moe, config.model.dtype, config.train.microbatches),
       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
       donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(graphdef, num_sources, config.train.loss_chunk),

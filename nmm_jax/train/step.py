@@ -25,22 +25,56 @@ def in_compute_dtype(params, dtype):
       lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
 
 
+def split_microbatches(batch, k: int):
+  """[B, ...] arrays -> [k, B/k, ...]: microbatch j holds rows j, k + j, 2k + j, ..., so each
+  spreads over every device like the batch (a device's rows are contiguous) and splitting it
+  moves nothing."""
+  return jax.tree.map(lambda a: jnp.swapaxes(a.reshape(a.shape[0] // k, k, *a.shape[1:]), 0, 1),
+                      batch)
+
+
+def join_microbatches(x_KxBk):
+  """The inverse of split_microbatches for one [k, B/k, ...] array."""
+  k, rows = x_KxBk.shape[:2]
+  return jnp.swapaxes(x_KxBk, 0, 1).reshape(k * rows, *x_KxBk.shape[2:])
+
+
+# MoE statistics that are means over the batch (the rest are counts, summed over microbatches).
+_MEAN_STATS = ("load_balance", "z_loss")
+
+
 def make_train_step(graphdef, tx, schedule, num_sources, loss_chunk, moe=None,
-                    compute_dtype="float32"):
-  """`moe`: model.moe, for the weights of the auxiliary losses; `compute_dtype`: model.dtype."""
+                    compute_dtype="float32", microbatches: int = 1):
+  """`moe`: model.moe, for the weights of the auxiliary losses; `compute_dtype`: model.dtype;
+  `microbatches` (train.microbatches): the batch is run as that many microbatches in a scan,
+  gradients summed in f32, one optimizer update (the same update: the loss is normalised by
+  the whole batch's token count)."""
   def train_step(state, batch):
     count = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
-    def loss_fn(params):
+    def loss_fn(params, part):
       model = nnx.merge(graphdef, in_compute_dtype(params, compute_dtype))
-      hidden_BxLxD, moe_stats = model.forward(batch)
-      loss, nll_BxL = weighted_nll(hidden_BxLxD, model.head_weight_DxV(), batch["targets"],
-                                   batch["loss_mask"] / count, loss_chunk)
-      aux = moe_aux_loss(moe_stats, moe) if moe is not None else 0.0
+      hidden_BxLxD, moe_stats = model.forward(part)
+      loss, nll_BxL = weighted_nll(hidden_BxLxD, model.head_weight_DxV(), part["targets"],
+                                   part["loss_mask"] / count, loss_chunk)
+      aux = moe_aux_loss(moe_stats, moe) / microbatches if moe is not None else 0.0
       return loss + aux, (loss, nll_BxL, moe_stats)
 
-    (_, (loss, nll_BxL, moe_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"])
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if microbatches == 1:
+      (_, (loss, nll_BxL, moe_stats)), grads = grad_fn(state["params"], batch)
+    else:
+      def accumulate(grads, part):
+        (_, outputs), part_grads = grad_fn(state["params"], part)
+        return jax.tree.map(lambda g, p: g + p.astype(jnp.float32), grads, part_grads), outputs
+
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"])
+      grads, (losses, nll_KxBkxL, stats) = jax.lax.scan(
+          accumulate, zeros, split_microbatches(batch, microbatches))
+      grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state["params"])
+      loss, nll_BxL = jnp.sum(losses), join_microbatches(nll_KxBkxL)
+      moe_stats = {k: (jnp.mean(v, axis=0) if k in _MEAN_STATS else jnp.sum(v, axis=0))
+                   for k, v in stats.items()}
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),

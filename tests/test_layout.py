@@ -1,0 +1,107 @@
+"""The compiled train step is laid out as the mesh says (issue: activations carried the weights'
+sharding). Read from the program XLA compiles for 8 CPU devices, with the scanned decoder:
+collective bytes per step (loop bodies times their trips), temporaries and argument bytes per
+device. Equal losses between meshes (test_sharding.py) cannot show any of this."""
+import pytest
+
+from conftest import tiny_config
+from nmm_jax.compile import report, topologies
+from nmm_jax.scaling import flops
+
+# d 512 x 4 layers, seq 256: large enough that activations and weights differ in size.
+SHAPE = {"model.d_model": 512, "model.num_layers": 4, "model.num_heads": 8,
+         "model.num_kv_heads": 4, "model.head_dim": 64, "model.mlp_dim": 1536,
+         "data.seq_len": 256, "train.loss_chunk": 128}
+SMALL, LARGE = 2, 8  # sequences per device
+
+
+def _mesh(data=1, fsdp=1, tensor=1, **more):
+  return {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor, **more}
+
+
+@pytest.fixture(scope="module")
+def compiled():
+  """{(mesh name, per-device batch): compile report}, each program compiled once."""
+  cpu8, cache = topologies.target("cpu-8"), {}
+
+  def get(name, per_chip_batch):
+    if (name, per_chip_batch) not in cache:
+      config = tiny_config(**SHAPE, **MESHES[name])
+      cache[name, per_chip_batch] = report.compile_step(config, cpu8, per_chip_batch)
+    return cache[name, per_chip_batch]
+  return get
+
+
+MESHES = {
+    "data8": _mesh(data=8),
+    "fsdp8": _mesh(fsdp=8),
+    "fsdp8_remat": _mesh(fsdp=8, **{"model.remat": "full"}),
+    "fsdp8_microbatches4": _mesh(fsdp=8, **{"train.microbatches": 4}),
+    "fsdp4_tensor2": _mesh(fsdp=4, tensor=2),
+    "data2_fsdp2_tensor2": _mesh(data=2, fsdp=2, tensor=2),
+}
+
+
+def _collective_bytes(r, kinds=None):
+  return sum(c["bytes"] for c in r["collectives"] if kinds is None or c["kind"] in kinds)
+
+
+def _param_bytes():
+  return 4 * flops.param_counts(tiny_config(**SHAPE).model)["total"]
+
+
+@pytest.mark.parametrize("name", ["fsdp8", "fsdp8_remat"])
+def test_fsdp_moves_weights_not_activations(compiled, name):
+  """ZeRO-3: per step the collectives move weight- and gradient-sized bytes (the f32 weights
+  gathered for the forward and again for the backward, the gradients reduced: about 3x the
+  parameter bytes), the same at 2 and at 8 sequences per device. Before activations were laid
+  out, the residual stream was carried as [whole batch, L, D/8] and all-reduced: 4x the bytes
+  at 4x the batch."""
+  small, large = compiled(name, SMALL), compiled(name, LARGE)
+  assert _collective_bytes(large) == pytest.approx(_collective_bytes(small), rel=0.02)
+  assert 1.5 * _param_bytes() < _collective_bytes(large) < 4 * _param_bytes()
+
+
+def test_fsdp_temporaries_are_those_of_local_tokens(compiled):
+  """FSDP's temporaries are data parallelism's (each device holds its own sequences' activations;
+  weights arrive one layer at a time), not the whole batch's."""
+  for batch in (SMALL, LARGE):
+    assert compiled("fsdp8", batch)["temp_bytes"] <= 1.05 * compiled("data8", batch)["temp_bytes"]
+  # With remat the residuals are recomputed: fewer temporaries than without.
+  assert compiled("fsdp8_remat", LARGE)["temp_bytes"] < compiled("fsdp8", LARGE)["temp_bytes"]
+
+
+@pytest.mark.parametrize("name, shards", [("data8", 1), ("fsdp8", 8), ("fsdp4_tensor2", 8),
+                                          ("data2_fsdp2_tensor2", 4)])
+def test_argument_bytes_fall_with_the_parameter_shards(compiled, name, shards):
+  """Parameters and both AdamW moments are split over fsdp x tensor (the QK-norm scales and
+  norm vectors, a few KB, stay whole along tensor)."""
+  r = compiled(name, SMALL)
+  assert r["param_bytes"] == pytest.approx(_param_bytes() / shards, rel=0.01)
+  assert r["optimizer_bytes"] == pytest.approx(2 * r["param_bytes"], rel=0.01)
+
+
+@pytest.mark.parametrize("name", ["fsdp4_tensor2", "data2_fsdp2_tensor2"])
+def test_only_tensor_parallel_traffic_grows_with_tokens(compiled, name):
+  """Megatron tensor parallelism all-reduces activations: a few [tokens, D] per layer and
+  direction, growing with each device's tokens; the weight gathers do not grow."""
+  small, large = compiled(name, SMALL), compiled(name, LARGE)
+  gathers = ("all-gather",)
+  assert _collective_bytes(large, gathers) < 1.2 * _collective_bytes(small, gathers)
+  m = tiny_config(**SHAPE).model
+  data_shards = 8 // MESHES[name]["mesh.tensor"]
+  added_tokens = (LARGE - SMALL) * 8 // data_shards * 256 * MESHES[name]["mesh.tensor"]
+  per_token_layer = (_collective_bytes(large) - _collective_bytes(small)) / added_tokens / (
+      m.num_layers * m.d_model * 4)
+  assert 1 <= per_token_layer <= 8, per_token_layer
+
+
+def test_microbatches_lower_the_peak(compiled):
+  """train.microbatches=4 at the same global batch: a quarter of the tokens' activations live at
+  once, so temporaries fall (to well under half); the weights are gathered once per microbatch."""
+  whole, parts = compiled("fsdp8", LARGE), compiled("fsdp8_microbatches4", LARGE)
+  assert parts["temp_bytes"] < 0.5 * whole["temp_bytes"]
+  assert parts["peak_bytes"] < whole["peak_bytes"]
+  gathers = ("all-gather",)
+  assert _collective_bytes(parts, gathers) == pytest.approx(4 * _collective_bytes(whole, gathers),
+                                                          rel=0.02)
