@@ -8,7 +8,8 @@
 #
 # WORKDIR (and data.dir) must be a folder every worker sees at the same path, e.g. a Filestore
 # (NFS) or gcsfuse mount: every worker saves its shards of each checkpoint there.
-# --dry-run prints every command instead of running it.
+# --dry-run prints every command instead of running it. The run is started with nohup on every
+# worker and logs to nmm_jax/logs/train-HOSTNAME.log there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dry_run=0 name="" zone="" type=v5litepod-16 version=v2-alpha-tpuv5-lite project=""
@@ -48,4 +49,8 @@ run git archive --format=tar.gz -o "$archive" HEAD
 run "${tpu[@]}" scp "$archive" "$name":nmm_jax.tar.gz --worker=all "${where[@]}"
 run "${tpu[@]}" ssh "$name" --worker=all "${where[@]}" \
   --command="mkdir -p nmm_jax && tar -xzf nmm_jax.tar.gz -C nmm_jax && cd nmm_jax && EXTRAS=tpu bash scripts/setup.sh"
-run "${tpu[@]}" ssh "$name" --worker=all "${where[@]}" --command="cd nmm_jax && $train"
+# nohup: the run outlives this ssh session (a dropped connection must not kill a pod job); each
+# worker logs to its own file.
+run "${tpu[@]}" ssh "$name" --worker=all "${where[@]}" \
+  --command="cd nmm_jax && mkdir -p logs && nohup $train > logs/train-\$(hostname).log 2>&1 < /dev/null &"
+echo "started; follow worker 0 with: ${tpu[*]} ssh $name ${where[*]} --worker=0 --command='tail -f nmm_jax/logs/train-*.log'"

@@ -349,6 +349,15 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
            f"{t.microbatches} microbatches of train.batch_size={t.batch_size} do not each split "
            f"over the {shards} batch shards (batch_size must be a multiple of "
            f"microbatches x {shards})")
+  # Each process feeds its own rows to its own devices, but the devices of one tensor-parallel
+  # group need the same rows: each group must sit inside one process (mesh order: tensor and
+  # expert are the innermost axes, so whole groups are runs of tensor x expert devices).
+  local = num_devices // num_processes
+  _require(mesh["tensor"] == 1 or local % (mesh["tensor"] * mesh["expert"]) == 0, "mesh.tensor",
+           f"{mesh['tensor']}-way tensor parallelism spans processes ({local} device(s) per "
+           f"process): one process per GPU cannot feed a tensor group the same rows; start one "
+           f"process per host driving all its GPUs (nmm-train without --local_device_ids) or "
+           f"set mesh.tensor=1")
   _require(t.batch_size % num_processes == 0, "train.batch_size",
            f"{t.batch_size} is not divisible by the {num_processes} processes")
   streams = d.streams or num_processes

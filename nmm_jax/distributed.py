@@ -3,8 +3,10 @@
 Three ways in, tried in this order:
   1. explicit: --coordinator_address=HOST:PORT --num_processes=N --process_id=I
      [--local_device_ids=0,1,...] (multi-GPU hosts, or several processes on one machine);
-  2. automatic where the cluster says who is who: Cloud TPU pod slices, SLURM (srun), Open MPI
-     (JAX's own cluster detection reads their environment);
+  2. automatic where the cluster says who is who: Cloud TPU VMs (JAX reads the VM's metadata
+     server; TPU_WORKER_HOSTNAMES is only set on GKE, so a TPU VM always initializes, which is
+     also right for a single-host slice), SLURM (srun), Open MPI (JAX's own cluster detection
+     reads their environment);
   3. neither: a single process.
 On CPU the cross-process collectives are gloo, so the same code runs multi-process on one
 machine. `timeout_s` bounds how long a process waits for one that died or never came: past it,
@@ -15,11 +17,13 @@ import os
 import jax
 from absl import logging
 
+from nmm_jax import tpu_chips_attached
+
 
 def cluster_detected() -> bool:
   """True when the environment describes a multi-process job JAX can join on its own."""
   env = os.environ
-  if len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
+  if tpu_chips_attached() or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
     return True
   if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
     return True

@@ -5,6 +5,8 @@ import subprocess
 
 import pytest
 
+from conftest import tiny_config
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
@@ -40,6 +42,21 @@ def test_slurm_runs_one_task_per_gpu_with_the_first_node_as_coordinator():
     assert part in task, part
 
 
+def test_slurm_tasks_see_their_node_s_gpus():
+  """--local_device_ids=$SLURM_LOCALID needs every GPU of the node visible to every task."""
+  with open(os.path.join(ROOT, "launch", "slurm.sbatch")) as f:
+    directives = [line.split()[1] for line in f if line.startswith("#SBATCH")]
+  assert "--gpus-per-node=8" in directives and "--gpu-bind=none" in directives
+  assert not any(d.startswith("--gpus-per-task") for d in directives)
+
+
+def test_tensor_parallelism_across_processes_is_refused():
+  from nmm_jax.config import ConfigError, validate
+  with pytest.raises(ConfigError, match="mesh.tensor.*one process per GPU"):
+    validate(tiny_config(**{"mesh.data": 4, "mesh.tensor": 2}), 8, num_processes=8)
+  validate(tiny_config(**{"mesh.data": 4, "mesh.tensor": 2}), 8, num_processes=4)
+
+
 def test_tpu_pod_creates_copies_installs_and_runs_on_every_worker():
   lines = dry_run("tpu_pod.sh", "--name=pod", "--zone=us-east5-a", "--type=v5litepod-32",
                   "configs/default.py", "/mnt/shared/run", "--config.train.steps=9")
@@ -51,9 +68,9 @@ def test_tpu_pod_creates_copies_installs_and_runs_on_every_worker():
   for argv in (install, train):
     assert argv[4:7] == ["ssh", "pod", "--worker=all"]
   assert "EXTRAS=tpu bash scripts/setup.sh" in install[-1]
-  assert train[-1] == ("--command=cd nmm_jax && .venv/bin/python -m nmm_jax.train "
-                       "--config=configs/default.py --workdir=/mnt/shared/run "
-                       "--config.train.steps=9")
+  assert train[-1] == ("--command=cd nmm_jax && mkdir -p logs && nohup .venv/bin/python -m "
+                       "nmm_jax.train --config=configs/default.py --workdir=/mnt/shared/run "
+                       "--config.train.steps=9 > logs/train-$(hostname).log 2>&1 < /dev/null &")
 
 
 @pytest.mark.parametrize("script,args", [("gpu.sh", ["--gpus=2"]), ("tpu_pod.sh", ["--name=x"])])
@@ -71,6 +88,11 @@ def test_cluster_detection_and_explicit_flags(monkeypatch):
   distributed.initialize()  # a single process: nothing to join
   monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.1")
   assert not distributed.cluster_detected()  # one worker
+  # A Cloud TPU VM has no TPU_WORKER_HOSTNAMES (that is GKE's): its attached chips say it is
+  # one, and JAX finds the other workers from the VM metadata.
+  monkeypatch.setattr(distributed, "tpu_chips_attached", lambda: True)
+  assert distributed.cluster_detected()
+  monkeypatch.setattr(distributed, "tpu_chips_attached", lambda: False)
   monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.1,10.0.0.2")
   assert distributed.cluster_detected()
   monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
