@@ -67,8 +67,8 @@ def traced_rules():
 
 
 def make_mesh(mesh_shape: dict, devices=None, dcn_shape: dict | None = None) -> Mesh:
-  """The device mesh of these axis sizes. Devices are ordered by the chips' interconnect
-  (mesh_utils: neighbouring ranks of an axis are ICI neighbours on a TPU slice). `dcn_shape`
+  """The device mesh of these axis sizes. Devices are placed by the chips' interconnect
+  (mesh_utils maps the mesh axes onto a TPU slice's physical torus axes). `dcn_shape`
   ({axis: parts}, mesh.dcn_*) splits axes across TPU slices or GPU hosts, which talk over the
   slower data-centre network: a hybrid mesh whose DCN part is outermost, so only those axes'
   collectives cross it. ValueError when the devices do not form that many granules."""
