@@ -107,6 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
       # the workdir unless absolute (a shared path serves every run); "" turns it off. A cache
       # already configured (JAX_COMPILATION_CACHE_DIR) is left as it is.
       compilation_cache="compile_cache",
+      # (first, last): a jax.profiler trace of these steps into WORKDIR/profile (TensorBoard's
+      # profile tab or Perfetto read it); () for none.
+      profile_steps=(),
       microbatches=1,         # gradient accumulation: the batch runs as this many microbatches
                               # in one jitted step (peak memory falls; same update)
       loss_chunk=64,          # sequence positions per chunk of the fused LM head + loss
@@ -309,6 +312,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
   _require(isinstance(t.warmup_steps, int) and 0 <= t.warmup_steps <= t.steps, "train.warmup_steps",
            f"must be an integer in [0, train.steps={t.steps}], got {t.warmup_steps!r}")
   _require(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
+  profile = tuple(t.profile_steps)
+  _require(not profile or (len(profile) == 2 and all(isinstance(s, int) for s in profile)
+                           and 1 <= profile[0] <= profile[1] <= t.steps), "train.profile_steps",
+           f"must be () or (first, last) with 1 <= first <= last <= train.steps={t.steps}, "
+           f"got {profile!r}")
   _require(t.schedule in SCHEDULES, "train.schedule",
            f"must be one of {SCHEDULES}, got {t.schedule!r}")
   _require(0 <= t.cooldown_fraction <= 1, "train.cooldown_fraction",

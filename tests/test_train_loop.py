@@ -51,8 +51,8 @@ def _wait_for(predicate, proc, timeout=240):
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, shapes_data_dir):
   workdir = str(tmp_path_factory.mktemp("straight"))
-  records = train_and_evaluate(tiny_config(**{"train.steps": STEPS, "data.dir": shapes_data_dir}),
-                               workdir)
+  records = train_and_evaluate(tiny_config(**{"train.steps": STEPS, "data.dir": shapes_data_dir,
+                                              "train.profile_steps": (3, 4)}), workdir)
   return workdir, {r["step"]: r for r in records}
 
 
@@ -75,6 +75,9 @@ def test_outputs_written(straight_run):
   assert 0 < records[-1]["mfu"] < 1
   assert glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*"))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
+  # train.profile_steps=(3, 4): one jax.profiler trace, readable by TensorBoard's profile tab.
+  assert len(glob.glob(os.path.join(workdir, "profile", "plugins", "profile", "*",
+                                    "*.xplane.pb"))) == 1
   for part in ("state", "data", "config"):
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "20", part)), part
 

@@ -55,6 +55,29 @@ class _StopRequest:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+class _StepProfiler:
+  """A jax.profiler trace of steps first..last (train.profile_steps) into `directory`."""
+
+  def __init__(self, steps, directory: str):
+    self.first, self.last = tuple(steps) or (0, -1)
+    self.directory, self.running = directory, False
+
+  def before(self, step: int):
+    if step == self.first:
+      jax.profiler.start_trace(self.directory)
+      self.running = True
+
+  def after(self, step: int, metrics):
+    if self.running and step == self.last:
+      jax.block_until_ready(metrics)  # the traced steps' device work, not only their dispatch
+      self.close()
+
+  def close(self):
+    if self.running:
+      jax.profiler.stop_trace()
+      self.running = False
+
+
 def held_out_loss(eval_step, params, config, directory, batch_sh, source_names) -> dict:
   """{"eval/loss": ..., "eval/loss/<source>": ...} over `eval.num_batches` eval batches."""
   total = None
@@ -112,8 +135,10 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
   progress = tqdm(total=config.train.steps, initial=start_step, disable=not is_main,
                   desc="train", unit="step", dynamic_ncols=True)
   step = last_saved = start_step
+  profiler = _StepProfiler(config.train.profile_steps, os.path.join(workdir, "profile"))
   try:
     while step < config.train.steps and not stop.requested:
+      profiler.before(step + 1)
       with window.waiting_for_data():
         host_batch = next(data_iter)
       skipped = host_batch.pop("skipped")
@@ -121,6 +146,7 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
       state, metrics = program.train_step(
           state, sharding.place_batch(host_batch, program.batch_shardings))
       step += 1
+      profiler.after(step, metrics)
       progress.update(1)
       eval_now = step % config.eval.every_steps == 0 or step == config.train.steps
       if eval_now or step % config.train.log_every == 0:
@@ -148,6 +174,7 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
       for summary in filter(None, (evaluator.summary() for evaluator in evaluators)):
         progress.write(summary)
   finally:
+    profiler.close()
     progress.close()
     checkpointer.close()
     writer.close()
