@@ -4,11 +4,16 @@ Experiment files in configs/ call `base_config()` and change what they need. `va
 before any model is built or compiled and raises ConfigError naming the offending key.
 """
 import copy
-import math
 
 import ml_collections
 
-from nmm_jax.sharding import DEFAULT_SHARDING_RULES, MESH_AXES, batch_axes, batch_shards
+from nmm_jax.sharding import (
+    DEFAULT_SHARDING_RULES,
+    MESH_AXES,
+    batch_axes,
+    batch_shards,
+    mesh_axes_of,
+)
 
 FUSIONS = ("early", "late")
 # How late fusion feeds encoder layers to the decoder (models/fusion.py): "none" = the last layer
@@ -338,8 +343,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
   for rule in c.sharding_rules:
     _require(len(rule) == 2 and isinstance(rule[0], str), "sharding_rules",
              f"each rule must be (logical axis, mesh axes), got {rule!r}")
-    physical = (rule[1],) if isinstance(rule[1], str) or rule[1] is None else tuple(rule[1])
-    unknown = [a for a in physical if a is not None and a not in MESH_AXES]
+    unknown = [a for a in mesh_axes_of(rule[1]) if a not in MESH_AXES]
     _require(not unknown, "sharding_rules",
              f"rule {tuple(rule)!r} names {unknown}, not mesh axes {MESH_AXES}")
   mesh = resolve_mesh_shape(c.mesh, num_devices)
@@ -347,8 +351,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
     _require(isinstance(parts, int) and parts > 0 and mesh[axis] % parts == 0,
              f"mesh.dcn_{axis}", f"must be a positive integer dividing mesh.{axis}="
              f"{mesh[axis]} (the slices or hosts that axis spans), got {parts!r}")
-  _require(num_devices % math.prod(dcn_shape(c.mesh).values()) == 0, "mesh",
-           f"mesh.dcn_* = {dcn_shape(c.mesh)} does not divide the {num_devices} devices")
   shards = batch_shards(c.sharding_rules, mesh)
   _require(t.batch_size % shards == 0, "train.batch_size",
            f"{t.batch_size} is not divisible by the batch-sharding mesh axes "

@@ -47,13 +47,17 @@ def _first_match(rules, logical: str):
   return None
 
 
-def batch_axes(rules) -> tuple[str, ...]:
-  """The mesh axes the batch (and every per-token activation) is split over: the rules' "batch"
-  entry, in order."""
-  physical = _first_match(rules, "batch")
+def mesh_axes_of(physical) -> tuple[str, ...]:
+  """A rule's right-hand side (None, one mesh axis, or several) as a tuple of mesh axes."""
   if physical is None:
     return ()
   return (physical,) if isinstance(physical, str) else tuple(physical)
+
+
+def batch_axes(rules) -> tuple[str, ...]:
+  """The mesh axes the batch (and every per-token activation) is split over: the rules' "batch"
+  entry, in order."""
+  return mesh_axes_of(_first_match(rules, "batch"))
 
 
 def batch_shards(rules, mesh_shape: dict) -> int:
@@ -101,18 +105,14 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules, mesh: Mesh,
   `shape`, a dimension keeps only the leading mesh axes whose sizes divide it (a batch of one
   sequence for decoding stays whole).
   """
-  rule_table = {}
-  for logical, physical in rules:
-    rule_table.setdefault(logical, physical)
   used = set()
   spec = []
   for logical in logical_axes:
-    physical = rule_table.get(logical) if logical is not None else None
+    physical = _first_match(rules, logical) if logical is not None else None
     if physical is None:
       spec.append(None)
       continue
-    physical = (physical,) if isinstance(physical, str) else tuple(physical)
-    kept = tuple(a for a in physical if mesh.shape[a] > 1 and a not in used)
+    kept = tuple(a for a in mesh_axes_of(physical) if mesh.shape[a] > 1 and a not in used)
     if shape is not None:
       size = shape[len(spec)]
       divides = [math.prod(mesh.shape[a] for a in kept[:i + 1]) for i in range(len(kept))]
