@@ -122,6 +122,17 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules, mesh: Mesh,
   return PartitionSpec(*spec)
 
 
+def parts(logical: str, size: int) -> int:
+  """How many pieces a dimension of `size` along the logical axis `logical` is split into in the
+  program being traced (1 outside a mesh): what a computation that keeps per-device partial
+  results apart (the loss's head gradient) needs to know."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    return 1
+  spec = logical_to_spec((logical,), traced_rules(), mesh, shape=(size,))
+  return math.prod(mesh.shape[a] for a in mesh_axes_of(spec[0]))
+
+
 def constrain(x, logical_axes: Sequence[str | None]):
   """`x` laid out by its logical axes under the traced rules and the context mesh (a no-op
   outside one, e.g. a model called eagerly or jitted without a mesh). Without these, GSPMD

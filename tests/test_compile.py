@@ -129,9 +129,15 @@ def test_collectives_count_loop_trips():
   ROOT %lt = pred[] compare(%i, %c), direction=LT
 }
 
+%all-reduce-scatter.1.clone (input.8: bf16[16,8]) -> bf16[4,8] {
+  %pad = bf16[16,8]{1,0} pad(%input.8, %zero), padding=0_0x0_0
+  %all-reduce.9 = bf16[16,8]{1,0} all-reduce(%pad), replica_groups={{0,1,2,3}}, to_apply=%add
+}
+
 ENTRY %main (a: f32[4]) -> f32[4] {
   %w = (s32[], f32[4]) while(%t), condition=%cond, body=%body
   %rs = bf16[2,3]{1,0} reduce-scatter(bf16[16,3]{1,0} %z), dimensions={0}
+  %fusion.5 = bf16[4,8]{1,0} fusion(%f), kind=kCustom, calls=%all-reduce-scatter.1.clone
 }
 """
   got = {c["kind"]: c for c in hlo.collectives(text)}
@@ -139,8 +145,10 @@ ENTRY %main (a: f32[4]) -> f32[4] {
                                "dtypes": {"f32": 6 * 64}}
   assert got["all-reduce"] == {"kind": "all-reduce", "count": 1, "executed": 6, "bytes": 6 * 32,
                                "dtypes": {"f32": 6 * 32}}
-  assert got["reduce-scatter"] == {"kind": "reduce-scatter", "count": 1, "executed": 1,
-                                   "bytes": 12, "dtypes": {"bf16": 12}}
+  # libtpu's reduce-scatter (a fusion calling an all-reduce-scatter computation) counts once,
+  # as a reduce-scatter with the fusion's result; the all-reduce inside it is not counted.
+  assert got["reduce-scatter"] == {"kind": "reduce-scatter", "count": 2, "executed": 2,
+                                   "bytes": 12 + 64, "dtypes": {"bf16": 12 + 64}}
 
 
 def test_topology_names():

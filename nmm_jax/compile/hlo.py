@@ -17,6 +17,9 @@ _CALLED = re.compile(r"\b(body|condition|calls|to_apply|branch_computations|"
                      r"async_wrapped_computation)=\{?([^}\s]+(?:,\s*%[\w.\-]+)*)\}?")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _S32_CONSTANT = re.compile(r"=\s*s32\[\]\S*\s+constant\((\d+)\)")
+# libtpu emits a reduce-scatter as a fusion that calls `%all-reduce-scatter.N`, a computation
+# holding a padded all-reduce: one reduce-scatter, with the fusion's result.
+_TPU_REDUCE_SCATTER = re.compile(r"calls=%?(all-reduce-scatter[\w.\-]*)")
 
 
 def _arrays(shape_text: str) -> list:
@@ -89,7 +92,7 @@ def collectives(hlo_text: str) -> list:
   runs = _executions(computations)
   totals = {}
   for name, lines in computations.items():
-    if name == "__entry__" or not runs.get(name):
+    if name == "__entry__" or not runs.get(name) or name.startswith("all-reduce-scatter"):
       continue
     for line in lines:
       match = _INSTRUCTION.match(line)
@@ -97,6 +100,8 @@ def collectives(hlo_text: str) -> list:
         continue
       shape_text, op = match.groups()
       kind = op[:-len("-start")] if op.endswith("-start") else op
+      if op == "fusion" and _TPU_REDUCE_SCATTER.search(line):
+        kind = "reduce-scatter"
       if kind not in COLLECTIVES:
         continue
       arrays = _arrays(shape_text)
