@@ -13,6 +13,7 @@ import numpy as np
 from absl import app, logging
 from ml_collections import config_flags
 
+from nmm_jax import xla_flags
 from nmm_jax.data import batch as batch_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench.py", "Benchmark config.",
@@ -114,6 +115,7 @@ def benchmark(config) -> dict:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  xla_flags.apply(_CONFIG.value.train.xla_flags)  # before JAX starts a backend
   r = benchmark(_CONFIG.value)
   print(f"step time {r['step_time_s'] * 1e3:.1f} ms | {r['tokens_per_s']:.0f} tokens/s | "
         f"{r['model_tflops_per_s']:.3f} model TFLOP/s | MFU {r['mfu']:.3f} of measured "

@@ -7,9 +7,11 @@ import copy
 
 import ml_collections
 
+from nmm_jax import xla_flags
 from nmm_jax.sharding import (
     DEFAULT_SHARDING_RULES,
     MESH_AXES,
+    SEQUENCE_PARALLEL_RULES,
     batch_axes,
     batch_shards,
     mesh_axes_of,
@@ -72,7 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
   )
   # dcn_data / dcn_fsdp: how many TPU slices (or GPU hosts) the data / fsdp axes span, over the
   # data-centre network (MaxText's dcn_* split); the rest of each axis is within a slice.
-  c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1, dcn_data=1, dcn_fsdp=1)
+  # sequence_parallel: the residual stream and norms split along positions over tensor too
+  # (Megatron sequence parallelism: less activation memory at tensor > 1, same FLOPs).
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1, dcn_data=1, dcn_fsdp=1,
+                sequence_parallel=False)
   c.sharding_rules = DEFAULT_SHARDING_RULES
 
   c.data = dict(
@@ -115,9 +120,15 @@ def base_config() -> ml_collections.ConfigDict:
       # (first, last): a jax.profiler trace of these steps into WORKDIR/profile (TensorBoard's
       # profile tab or Perfetto read it); () for none.
       profile_steps=(),
+      # Compiler flags that overlap collectives with compute (nmm_jax/xla_flags.py): "auto"
+      # adds the TPU and GPU presets to LIBTPU_INIT_ARGS / XLA_FLAGS (flags already set there
+      # win); "none" leaves the environment alone. Read by nmm-train and nmm-compile at start-up.
+      xla_flags="auto",
       microbatches=1,         # gradient accumulation: the batch runs as this many microbatches
                               # in one jitted step (peak memory falls; same update)
       loss_chunk=64,          # sequence positions per chunk of the fused LM head + loss
+      device_prefetch=1,      # batches copied to the devices ahead of the step using them
+                              # (train/device_prefetch.py: the copy overlaps the step); 0: none
   )
   c.eval = dict(
       every_steps=100,
@@ -239,6 +250,13 @@ def _validate_late_fusion(c):
 DCN_AXES = ("data", "fsdp")
 
 
+def sharding_rules(config) -> tuple:
+  """The logical-axis rules a program of `config` is traced with: config.sharding_rules, after
+  the sequence-parallel rule when mesh.sequence_parallel is on (the first matching rule wins)."""
+  rules = tuple(config.sharding_rules)
+  return (*SEQUENCE_PARALLEL_RULES, *rules) if config.mesh.sequence_parallel else rules
+
+
 def dcn_shape(mesh_cfg) -> dict:
   """{axis: parts across slices / hosts} from mesh.dcn_* (sharding.make_mesh's dcn_shape)."""
   return {axis: mesh_cfg.get(f"dcn_{axis}", 1) for axis in DCN_AXES}
@@ -317,6 +335,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
   _require(isinstance(t.warmup_steps, int) and 0 <= t.warmup_steps <= t.steps, "train.warmup_steps",
            f"must be an integer in [0, train.steps={t.steps}], got {t.warmup_steps!r}")
   _require(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
+  _require(isinstance(t.device_prefetch, int) and t.device_prefetch >= 0, "train.device_prefetch",
+           f"must be an integer >= 0, got {t.device_prefetch!r}")
+  _require(t.xla_flags in xla_flags.PRESETS, "train.xla_flags",
+           f"must be one of {', '.join(xla_flags.PRESETS)}, got {t.xla_flags!r}")
   profile = tuple(t.profile_steps)
   _require(not profile or (len(profile) == 2 and all(isinstance(s, int) for s in profile)
                            and 1 <= profile[0] <= profile[1] <= t.steps), "train.profile_steps",
@@ -347,6 +369,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
     _require(not unknown, "sharding_rules",
              f"rule {tuple(rule)!r} names {unknown}, not mesh axes {MESH_AXES}")
   mesh = resolve_mesh_shape(c.mesh, num_devices)
+  _require(isinstance(c.mesh.sequence_parallel, bool), "mesh.sequence_parallel",
+           f"must be True or False, got {c.mesh.sequence_parallel!r}")
   for axis, parts in dcn_shape(c.mesh).items():
     _require(isinstance(parts, int) and parts > 0 and mesh[axis] % parts == 0,
              f"mesh.dcn_{axis}", f"must be a positive integer dividing mesh.{axis}="
@@ -387,7 +411,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
 
 
 # Keys whose change makes a checkpoint's data-iterator state unusable: Grain worker processes each
-# hold part of the state.
+# hold part of the state. data.prefetch and train.device_prefetch may change: the saved state is
+# the position of the next batch a step consumes, whatever was buffered ahead of it.
 RESUME_FIXED_KEYS = ("data.num_workers",)
 
 

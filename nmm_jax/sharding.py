@@ -26,8 +26,12 @@ DEFAULT_SHARDING_RULES = (
     ("length", None),
     # Activations (models/ constrains them with `constrain`): tokens over the batch axes above,
     # the residual stream's width whole, attention heads and MLP / vocabulary columns over
-    # tensor (Megatron). ("activation_length", "tensor") is sequence parallelism.
+    # tensor (Megatron). The residual stream's positions (activation_length) are split over
+    # tensor with mesh.sequence_parallel (a rule put before these); attention's queries and keys
+    # (activation_q_length, activation_kv_length) stay whole there, split by heads instead.
     ("activation_length", None),
+    ("activation_q_length", None),
+    ("activation_kv_length", None),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),
@@ -38,6 +42,12 @@ DEFAULT_SHARDING_RULES = (
 # The rules of the program being traced (traced_under sets them): layers that lay out their own
 # computation, such as the MoE layer's shard_map, read them at trace time.
 _TRACED_RULES = contextvars.ContextVar("traced_rules", default=DEFAULT_SHARDING_RULES)
+
+
+# mesh.sequence_parallel: Megatron's sequence parallelism. The norms and the residual stream
+# between the blocks are split along positions over tensor, so tensor parallelism's all-reduce
+# after attention and after the MLP becomes a reduce-scatter, and an all-gather before them.
+SEQUENCE_PARALLEL_RULES = (("activation_length", "tensor"),)
 
 
 def _first_match(rules, logical: str):

@@ -40,6 +40,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
     ({"sharding_rules": (("batch",),)}, "config.sharding_rules"),
     ({"mesh.dcn_data": 3}, "config.mesh.dcn_data"),
     ({"train.profile_steps": (5, 2)}, "config.train.profile_steps"),
+    ({"train.xla_flags": "fast"}, "config.train.xla_flags"),
     ({"train.profile_steps": (1, 999)}, "config.train.profile_steps"),
     ({"mesh.data": 4, "mesh.fsdp": 2, "mesh.dcn_fsdp": 0}, "config.mesh.dcn_fsdp"),
 ])

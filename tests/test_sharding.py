@@ -27,9 +27,15 @@ def test_sharded_equals_unsharded(tmp_path, shapes_data_dir):
   sharded = train_and_evaluate(
       tiny_config(**overrides, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}),
       str(tmp_path / "sharded"))
+  # Sequence parallelism changes where activations live, not what is computed.
+  sequence_parallel = train_and_evaluate(
+      tiny_config(**overrides, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+                                  "mesh.sequence_parallel": True}),
+      str(tmp_path / "sequence_parallel"))
   single_losses, sharded_losses = _losses(single), _losses(sharded)
   assert len(single_losses) == STEPS
   np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-4)
+  np.testing.assert_allclose(_losses(sequence_parallel), single_losses, rtol=1e-4)
   assert single_losses[-1] < single_losses[0]  # the steps really trained
 
 

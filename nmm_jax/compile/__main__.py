@@ -89,7 +89,7 @@ def describe(r) -> str:
   for c in r["collectives"] or [{"kind": "none", "count": 0, "executed": 0, "bytes": 0}]:
     lines.append(f"  {c['kind']:20s} {c['count']:4d} ops {c['executed']:6d} runs "
                  f"{_gib(c['bytes'])}")
-  lines.append(f"compile {r['compile_s']:.1f} s")
+  lines.append(f"compile {r['compile_s']:.1f} s, train.xla_flags={r.get('xla_flags', 'auto')}")
   return "\n".join(lines)
 
 
@@ -97,13 +97,17 @@ def main(argv):
   del argv
   from absl import logging
   logging.set_verbosity(logging.WARNING)
+  from nmm_jax import xla_flags
   from nmm_jax.compile import report, topologies
   from nmm_jax.config import ConfigError
   quiet = _JSON.value
   log = (lambda *a, **k: None) if quiet else print
   try:
-    target = topologies.target(_TOPOLOGY.value)
     config = _CONFIG.value
+    # The program is compiled with the flags the run would use (libtpu and the CUDA plugin read
+    # them when the target's compile-only devices are made).
+    xla_flags.apply(config.train.xla_flags)
+    target = topologies.target(_TOPOLOGY.value)
     if _MAX_BATCH.value:
       log(f"searching the largest per-chip batch on {target.name}:")
       best, result = report.max_per_chip_batch(config, target, log=log)
@@ -115,6 +119,7 @@ def main(argv):
       result = report.compile_step(config, target, per_chip, count_flops=_FLOPS.value)
   except (ConfigError, topologies.TopologyError, ValueError) as e:
     sys.exit(f"nmm-compile: {e}")
+  result["xla_flags"] = config.train.xla_flags
   log(describe(result))
   print(json.dumps(result))
 

@@ -20,6 +20,10 @@ _S32_CONSTANT = re.compile(r"=\s*s32\[\]\S*\s+constant\((\d+)\)")
 # libtpu emits a reduce-scatter as a fusion that calls `%all-reduce-scatter.N`, a computation
 # holding a padded all-reduce: one reduce-scatter, with the fusion's result.
 _TPU_REDUCE_SCATTER = re.compile(r"calls=%?(all-reduce-scatter[\w.\-]*)")
+# With the TPU flag preset's async collective fusion, a gather starts in an
+# `async-collective-start` (whose computation holds it) and its consumers are fusions calling
+# `%async_collective_fusion.N` computations that restate it: counted once, at the start.
+_SKIPPED_COMPUTATIONS = ("all-reduce-scatter", "async_collective_fusion")
 
 
 def _arrays(shape_text: str) -> list:
@@ -92,7 +96,7 @@ def collectives(hlo_text: str) -> list:
   runs = _executions(computations)
   totals = {}
   for name, lines in computations.items():
-    if name == "__entry__" or not runs.get(name) or name.startswith("all-reduce-scatter"):
+    if name == "__entry__" or not runs.get(name) or name.startswith(_SKIPPED_COMPUTATIONS):
       continue
     for line in lines:
       match = _INSTRUCTION.match(line)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nmm_jax import config as config_lib
 from nmm_jax import sharding
 from nmm_jax.eval import sequences as seq_lib
 from nmm_jax.models import NMM
@@ -99,8 +100,8 @@ class InferenceModel:
     # Every process holds the same inputs: placed replicated, so multi-process runs work too.
     replicated = sharding.replicated(self.mesh)
     args = jax.tree.map(lambda a: jax.make_array_from_process_local_data(replicated, a), args)
-    return sharding.traced_under(self.mesh, jitted, self.config.sharding_rules)(self.params,
-                                                                                 *args)
+    rules = config_lib.sharding_rules(self.config)
+    return sharding.traced_under(self.mesh, jitted, rules)(self.params, *args)
 
   def _jit(self, fn):
     # Over a mesh the outputs are replicated: every process can read them whole.

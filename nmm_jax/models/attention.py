@@ -4,10 +4,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nmm_jax import sharding
-from nmm_jax.models.layers import RMSNorm, apply_rope, fan_in_init, make_param
+from nmm_jax.models.layers import RMSNorm, apply_rope, dense, fan_in_init, make_param
 
-_HEADS = ("batch", "activation_length", "activation_heads", None)
-_KV_HEADS = ("batch", "activation_length", "activation_kv_heads", None)
+_HEADS = ("batch", "activation_q_length", "activation_heads", None)
+_KV_HEADS = ("batch", "activation_kv_length", "activation_kv_heads", None)
 
 # Finite rather than -inf: a padding query row masks every key, and -inf would give NaN there.
 _MASKED = -1e30
@@ -46,12 +46,10 @@ class Attention(nnx.Module):
   def _project(self, x_BxLxD, rope):
     """(q [B, L, H, E], k [B, L, K, E], v [B, L, K, E]): QK-norm and RoPE applied."""
     b, l, d = x_BxLxD.shape
-    # Projections as 2-d GEMMs over flattened tokens (see SwiGLU for why).
-    x_NxD = x_BxLxD.reshape(b * l, d)
 
     def project(w_DxHxE):
       w_DxHxE = w_DxHxE[...].astype(x_BxLxD.dtype)
-      return (x_NxD @ w_DxHxE.reshape(d, -1)).reshape(b, l, *w_DxHxE.shape[1:])
+      return dense(x_BxLxD, w_DxHxE.reshape(d, -1)).reshape(b, l, *w_DxHxE.shape[1:])
 
     q_BxLxHxE = sharding.constrain(project(self.w_q_DxHxE), _HEADS)
     k_BxLxKxE = sharding.constrain(project(self.w_k_DxKxE), _KV_HEADS)
@@ -86,7 +84,7 @@ class Attention(nnx.Module):
     out_BxLxHxE = sharding.constrain((out_BxLxHxE / sum_BxLxH[..., None]).astype(dtype), _HEADS)
     d = self.w_o_HxExD.shape[-1]
     w_o_HExD = self.w_o_HxExD[...].astype(dtype).reshape(h * e, d)
-    return (out_BxLxHxE.reshape(b * l, h * e) @ w_o_HExD).reshape(b, l, d)
+    return dense(out_BxLxHxE.reshape(b, l, h * e), w_o_HExD)
 
   def __call__(self, x_BxLxD, rope, mask_Bx1xLxL):
     return self._attend(*self._project(x_BxLxD, rope), mask_Bx1xLxL)

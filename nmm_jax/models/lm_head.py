@@ -21,10 +21,11 @@ def unchunked(x_NxBxC, shape):
 def chunk_logits(h_BxCxD, head_DxV):
   """Logits in f32 from compute-dtype operands: the matmul runs at the bf16 rate and
   accumulates in f32 (the softmax over 50k entries needs it)."""
-  h_BxCxD = sharding.constrain(h_BxCxD, ("batch", "activation_length", "activation_embed"))
+  # A chunk's positions are never split (the vocabulary is, over tensor).
+  h_BxCxD = sharding.constrain(h_BxCxD, ("batch", None, "activation_embed"))
   logits_BxCxV = jnp.einsum("bcd,dv->bcv", h_BxCxD, head_DxV.astype(h_BxCxD.dtype),
                             preferred_element_type=jnp.float32)
-  return sharding.constrain(logits_BxCxV, ("batch", "activation_length", "activation_vocab"))
+  return sharding.constrain(logits_BxCxV, ("batch", None, "activation_vocab"))
 
 
 def nll_from_logits(logits_BxCxV, targets_BxC):

@@ -31,7 +31,8 @@ def main(argv):
   del argv
   # Orbax and JAX log every save at INFO; the progress bar and step lines are the useful output.
   logging.set_verbosity(logging.WARNING)
-  from nmm_jax import distributed
+  from nmm_jax import distributed, xla_flags
+  xla_flags.apply(_CONFIG.value.train.xla_flags)  # read once, when a JAX backend starts
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          [int(i) for i in _LOCAL_DEVICES.value] if _LOCAL_DEVICES.value else None,
                          _TIMEOUT.value)

@@ -6,6 +6,7 @@ eval/training.py (the loop knows none by name), a Hugging Face start from export
 Stopping (SIGTERM) saves a checkpoint and returns; running the same command again resumes from
 the latest checkpoint, data-iterator position included.
 """
+import functools
 import os
 import signal
 
@@ -22,6 +23,7 @@ from nmm_jax.eval.training import training_evaluators
 from nmm_jax.export import hf
 from nmm_jax.train import program as program_lib
 from nmm_jax.train import state as state_lib
+from nmm_jax.train.device_prefetch import DevicePrefetch
 from nmm_jax.train.loss import losses_from_sums
 from nmm_jax.train.metrics import MetricsWriter, StepWindow, format_record, step_record
 
@@ -126,7 +128,12 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
   start_step = checkpointer.latest_step() or 0
   if start_step:
     config_lib.check_resumable(checkpointer.saved_config(start_step), config)
-  data_iter = iter(pipeline.make_dataset(config, directory, "train", seed=config.train.seed))
+  # Checkpoints save (and restore) the wrapper's state: the position of the next batch a step
+  # consumes, not of the batches already placed ahead of it.
+  data_iter = DevicePrefetch(
+      iter(pipeline.make_dataset(config, directory, "train", seed=config.train.seed)),
+      functools.partial(sharding.place_batch, shardings=program.batch_shardings),
+      depth=config.train.device_prefetch)
   state = _initial_state(config, workdir, program, checkpointer, start_step, data_iter)
   evaluators = training_evaluators(config, directory, tokenizer, mesh)
   window = StepWindow(config, len(devices))
@@ -139,12 +146,11 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
   try:
     while step < config.train.steps and not stop.requested:
       profiler.before(step + 1)
-      with window.waiting_for_data():
-        host_batch = next(data_iter)
-      skipped = host_batch.pop("skipped")
+      with window.waiting_for_data():  # the pull and the placement of the batch(es) ahead
+        host_batch, batch = next(data_iter)
+      skipped = host_batch.pop("skipped")  # left on the host by DevicePrefetch
       window.add_step(host_batch)
-      state, metrics = program.train_step(
-          state, sharding.place_batch(host_batch, program.batch_shardings))
+      state, metrics = program.train_step(state, batch)
       step += 1
       profiler.after(step, metrics)
       progress.update(1)

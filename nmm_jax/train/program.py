@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import optax
 
+from nmm_jax import config as config_lib
 from nmm_jax import sharding
 from nmm_jax.data import batch as batch_lib
 from nmm_jax.models.variables import abstract_model_state
@@ -53,7 +54,7 @@ def build(config, mesh, num_sources: int, batch_ndims=None) -> TrainProgram:
   """The steps of `config` over `mesh`. `batch_ndims`: the batch's keys and ranks (default: the
   whole batch contract; text-only benchmark batches have no images)."""
   batch_ndims = batch_lib.ndims() if batch_ndims is None else batch_ndims
-  rules = config.sharding_rules
+  rules = config_lib.sharding_rules(config)
   tx = optimizer_lib.make_optimizer(config.train, config.model)
   schedule = optimizer_lib.learning_rate_schedule(config.train)
   graphdef, abstract_params = abstract_model_state(config.model)
