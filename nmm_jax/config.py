@@ -23,6 +23,9 @@ FUSIONS = ("early", "late")
 VISION_FUSIONS = ("none", "input_concat", "internal_add", "internal_xattn")
 SCHEDULES = ("inverse_sqrt", "cosine")
 REMATS = ("none", "full", "save_dots")
+# models/attention_kernels.py: the [L, L] scores in XLA, Pallas flash kernels reading the mask
+# as key ranges, cuDNN's fused kernel (GPU), or flash on TPU/GPU and xla elsewhere.
+ATTENTION_IMPLEMENTATIONS = ("xla", "flash", "cudnn", "auto")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -52,6 +55,12 @@ def base_config() -> ml_collections.ConfigDict:
                               # norms, softmax, logits and loss stay f32)
       param_dtype="float32",  # parameters and optimizer moments: always f32 (validate())
       remat="none",           # one of REMATS
+      attention="auto",       # one of ATTENTION_IMPLEMENTATIONS
+      # Flash attention tiles, query and key positions: 0 = the platform's default (512 on TPU,
+      # 64 on GPU: attention_kernels.py), else a power of two >= 128 (works on both). A sequence
+      # is padded to a multiple of both.
+      flash_block_q=0,
+      flash_block_k=0,
       scan_unroll=1,          # layers per scan iteration; >= num_layers: no loop (faster,
                               # longer compile)
       # Mixture of experts (models/moe.py): num_experts > 0 makes decoder MLPs MoEs.
@@ -250,6 +259,19 @@ def _validate_late_fusion(c):
 DCN_AXES = ("data", "fsdp")
 
 
+def _validate_attention(c):
+  m = c.model
+  _require(m.attention in ATTENTION_IMPLEMENTATIONS, "model.attention",
+           f"must be one of {ATTENTION_IMPLEMENTATIONS}, got {m.attention!r}")
+  for key in ("flash_block_q", "flash_block_k"):
+    block = m[key]
+    _require(isinstance(block, int) and (block == 0 or (block >= 128 and block & (block - 1) == 0)),
+             f"model.{key}", f"must be 0 (the platform's default) or a power of two >= 128 "
+             f"(TPU tiles are multiples of 128, Triton's powers of two), got {block!r}")
+  # Flash attention runs on each device's own heads; validate() already requires mesh.tensor to
+  # divide both head counts, so each device's query heads are the ones its kv heads serve.
+
+
 def sharding_rules(config) -> tuple:
   """The logical-axis rules a program of `config` is traced with: config.sharding_rules, after
   the sequence-parallel rule when mesh.sequence_parallel is on (the first matching rule wins)."""
@@ -304,6 +326,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
            f"must be 'float32' (parameters and optimizer moments are the f32 master copy; "
            f"model.dtype='bfloat16' gives bf16 compute), got {m.param_dtype!r}")
   _require(m.remat in REMATS, "model.remat", f"must be one of {REMATS}, got {m.remat!r}")
+  _validate_attention(c)
   _positive_int(c, "model.scan_unroll")
   if m.fusion == "late":
     _validate_late_fusion(c)

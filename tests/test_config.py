@@ -41,6 +41,9 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
     ({"mesh.dcn_data": 3}, "config.mesh.dcn_data"),
     ({"train.profile_steps": (5, 2)}, "config.train.profile_steps"),
     ({"train.xla_flags": "fast"}, "config.train.xla_flags"),
+    ({"model.attention": "splash"}, "config.model.attention"),
+    ({"model.flash_block_q": 192}, "config.model.flash_block_q"),
+    ({"model.flash_block_k": 64}, "config.model.flash_block_k"),
     ({"train.profile_steps": (1, 999)}, "config.train.profile_steps"),
     ({"mesh.data": 4, "mesh.fsdp": 2, "mesh.dcn_fsdp": 0}, "config.mesh.dcn_fsdp"),
 ])

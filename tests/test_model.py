@@ -28,9 +28,13 @@ def _two_document_batch():
               patch_ids=patch_ids, images=images)
 
 
-@pytest.fixture(scope="module")
-def logits_fn():
-  model = NMM(tiny_config().model, rngs=nnx.Rngs(0))
+@pytest.fixture(scope="module", params=["xla", "flash"])
+def logits_fn(request):
+  """The mask tests hold for both attention implementations (flash: the Pallas kernel reading
+  the mask as key ranges, interpreted on CPU)."""
+  overrides = {"model.attention": request.param, "model.flash_block_q": 128,
+               "model.flash_block_k": 128}
+  model = NMM(tiny_config(**overrides).model, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
   logits = jax.jit(lambda params, batch: nnx.merge(graphdef, params).logits(batch)[0])
   # np.asarray waits for the result: JAX may read the numpy inputs after dispatch returns, and the

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nmm_jax import sharding
-from nmm_jax.models import fusion
+from nmm_jax.models import attention_kernels, fusion
 from nmm_jax.models.attention import attention_mask
 from nmm_jax.models.decoder import Decoder
 from nmm_jax.models.layers import RESIDUAL, RMSNorm, fan_in_init, make_param
@@ -22,6 +22,10 @@ class NMM(nnx.Module):
     dtype = jnp.dtype(cfg.param_dtype)
     self.compute_dtype = jnp.dtype(cfg.dtype)
     self.tie_embeddings = cfg.tie_embeddings
+    # Static: the mask the decoder's attention reads ("auto" is decided here, for the default
+    # backend, unless the train program already decided it for its mesh's devices).
+    cfg = attention_kernels.resolved(cfg)
+    self.attention = cfg.attention
     self.embed_VxD = make_param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, cfg.d_model),
                                 ("vocab", "embed"), dtype)
     # The front end is static; its parameters are this model's own attributes, so their paths
@@ -51,10 +55,11 @@ class NMM(nnx.Module):
   def forward(self, batch):
     """(final hidden states [B, L, D] after the final norm, MoE statistics per layer: {} for
     dense decoders)."""
-    mask_Bx1xLxL = attention_mask(batch["segment_ids"], batch["image_ids"])
+    mask = attention_kernels.attention_mask_for(self.attention, batch["segment_ids"],
+                                                batch["image_ids"], attention_mask)
     images = self.front_end.encode(self, batch)
     x_BxLxD, moe_stats = self.decoder(
-        self.embed(batch, images), batch["positions"], mask_Bx1xLxL,
+        self.embed(batch, images), batch["positions"], mask,
         self.front_end.injections(self, batch, images), is_image_BxL=batch["image_ids"] >= 0,
         valid_BxL=batch["segment_ids"] > 0)
     return self.final_norm(x_BxLxD), moe_stats
@@ -80,11 +85,16 @@ class NMM(nnx.Module):
     b, p = prompt["tokens"].shape
     images = self.front_end.encode(self, prompt)
     valid_BxP = prompt["segment_ids"] > 0
-    mask_Bx1xPxT = jnp.pad(attention_mask(prompt["segment_ids"], prompt["image_ids"]),
-                           ((0, 0), (0, 0), (0, 0), (0, length - p)))
+    if self.attention == "flash":
+      # The prompt attends over its own keys (the cache holds nothing before it): the kernel.
+      mask = attention_kernels.attention_mask_for("flash", prompt["segment_ids"],
+                                                  prompt["image_ids"], attention_mask)
+    else:
+      mask = jnp.pad(attention_mask(prompt["segment_ids"], prompt["image_ids"]),
+                     ((0, 0), (0, 0), (0, 0), (0, length - p)))
     cache = self.decoder.init_cache(b, length, self.compute_dtype)
     x_BxPxD, cache = self.decoder.cached(
-        self.embed(prompt, images), prompt["positions"], mask_Bx1xPxT, cache, 0,
+        self.embed(prompt, images), prompt["positions"], mask, cache, 0,
         self.front_end.injections(self, prompt, images), is_image_BxL=prompt["image_ids"] >= 0,
         valid_BxL=valid_BxP)
     state = {"cache": cache, "write_at": jnp.asarray(p, jnp.int32),

@@ -14,6 +14,7 @@ import optax
 from nmm_jax import config as config_lib
 from nmm_jax import sharding
 from nmm_jax.data import batch as batch_lib
+from nmm_jax.models import attention_kernels
 from nmm_jax.models.variables import abstract_model_state
 from nmm_jax.train import optimizer as optimizer_lib
 from nmm_jax.train import state as state_lib
@@ -57,7 +58,14 @@ def build(config, mesh, num_sources: int, batch_ndims=None) -> TrainProgram:
   rules = config_lib.sharding_rules(config)
   tx = optimizer_lib.make_optimizer(config.train, config.model)
   schedule = optimizer_lib.learning_rate_schedule(config.train)
-  graphdef, abstract_params = abstract_model_state(config.model)
+  # model.attention="auto" means what it does on the mesh's chips (nmm-compile's TPU and H100
+  # targets are not JAX's default backend here).
+  platform = mesh.devices.flat[0].platform
+  model_cfg = attention_kernels.resolved(config.model, platform)
+  if model_cfg.attention == "cudnn" and platform not in ("gpu", "cuda"):
+    raise config_lib.ConfigError(f"config.model.attention: 'cudnn' runs on NVIDIA GPUs only, "
+                                 f"not on {platform}")
+  graphdef, abstract_params = abstract_model_state(model_cfg)
   state_sh = state_lib.state_shardings(abstract_params, tx, rules, mesh)
   batch_sh = sharding.batch_shardings(batch_ndims, mesh, rules)
   train_step = jax.jit(
