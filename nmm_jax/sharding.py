@@ -92,8 +92,9 @@ def make_mesh(mesh_shape: dict, devices=None, dcn_shape: dict | None = None) -> 
   if math.prod(dcn) == 1:
     array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
   else:
-    # Granules: TPU slices (devices carry slice_index), else processes (one per GPU host).
-    by_process = not hasattr(devices[0], "slice_index")
+    # Granules: TPU slices, else processes (one per GPU host). CPU and GPU devices carry a
+    # slice_index too (0 for all of them), so the platform decides.
+    by_process = devices[0].platform != "tpu" or not hasattr(devices[0], "slice_index")
     key = "process_index" if by_process else "slice_index"
     granules = len({getattr(d, key) for d in devices})
     if granules != math.prod(dcn):

@@ -11,6 +11,7 @@ from test_model import _two_document_batch
 
 from conftest import tiny_config
 from nmm_jax.compile import report, topologies
+from nmm_jax.config import ConfigError
 from nmm_jax.models import NMM, attention_kernels
 from nmm_jax.train.loop import train_and_evaluate
 
@@ -89,3 +90,25 @@ def test_flash_compiles_for_a_tpu_without_the_scores(v5p_reports):
   xla, flash = v5p_reports["xla"], v5p_reports["flash"]
   assert flash["fits"] and xla["fits"]
   assert flash["temp_bytes"] < xla["temp_bytes"] - scores
+
+
+def test_cudnn_is_refused_off_gpus():
+  with pytest.raises(ConfigError, match="config.model.attention: 'cudnn' runs on NVIDIA GPUs"):
+    report.compile_step(tiny_config(**{"model.attention": "cudnn"}), topologies.target("cpu-8"),
+                        per_chip_batch=1)
+
+
+def test_cudnn_and_flash_compile_for_h100():
+  """attention=cudnn (jax.nn.dot_product_attention's cuDNN kernel, dense mask) and flash (the
+  Triton kernels) compile for 8 H100s; both hold less than XLA's scores."""
+  pytest.importorskip("jax_cuda12_plugin")
+  h100 = topologies.target("h100-8")
+  temp = {}
+  for name in ("xla", "cudnn", "flash"):
+    config = tiny_config(**{"model.attention": name, "data.seq_len": 1024,
+                            "model.dtype": "bfloat16"})
+    r = report.compile_step(config, h100, per_chip_batch=2)
+    assert r["fits"]
+    temp[name] = r["temp_bytes"]
+  scores = 2 * 4 * 1024 * 1024 * 4
+  assert temp["flash"] < temp["xla"] - scores and temp["cudnn"] < temp["xla"] - scores

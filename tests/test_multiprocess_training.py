@@ -136,3 +136,16 @@ def test_two_processes_log_the_caption_accuracy_of_one(shapes_data_dir, tmp_path
   assert sorted(keys) == sorted(f"eval/caption/{a}" for a in
                                 ("colour", "shape", "count", "region", "all"))
   assert {k: runs[2][k] for k in keys} == {k: runs[1][k] for k in keys}
+
+
+def test_two_processes_on_a_hybrid_mesh(reference, shapes_data_dir, tmp_path):
+  """mesh.dcn_data=2: each process is a granule (a GPU host, as on a cluster), the data axis
+  spans the two over the "data-centre network" and fsdp stays inside each process. Same
+  losses as the 1-process reference."""
+  workdir = str(tmp_path / "run")
+  hybrid = ("--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.mesh.dcn_data=2")
+  assert finish(start(workdir, shapes_data_dir, 2, *hybrid, tag="hybrid")) == [0, 0]
+  got = logged(workdir)
+  assert sorted(got) == list(range(1, STEPS + 1))
+  for step in range(1, STEPS + 1):
+    assert got[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-4), step
