@@ -3,6 +3,8 @@ Pallas kernels (TPU interpret mode on the CPU) == the plain masked softmax in ou
 gradients of q, k and v; tile skipping visits exactly the tiles that hold an allowed key; and the
 forward + backward compile for a v5p chip through libtpu's compile-only devices without an
 [L, L] temporary."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,9 +113,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype,length,heads,kv_heads,block_q,block_k,rows", CASES)
-def test_flash_attention_matches_reference(dtype, length, heads, kv_heads, block_q, block_k,
-                                           rows):
+def assert_matches_reference(attention, dtype, length, heads, kv_heads, rows):
+  """`attention(q, k, v, start, limit)` on rows_with_long_document: outputs and q, k, v
+  gradients equal the plain masked softmax's (non-padding rows; padding rows exactly zero)."""
   segment_ids, image_ids = rows_with_long_document(length, rows, seed=length + heads)
   rows = segment_ids.shape[0]
   start, limit = key_ranges(segment_ids, image_ids)
@@ -127,14 +129,13 @@ def test_flash_attention_matches_reference(dtype, length, heads, kv_heads, block
   d_out = jax.random.normal(keys[3], q.shape, jnp.float32) * real
 
   kernel = jax.jit(lambda *x: output_and_grads(
-      lambda q, k, v: flash_attention(q, k, v, start, limit, block_q=block_q, block_k=block_k,
-                                      interpret=INTERPRET), *x))
+      lambda q, k, v: attention(q, k, v, start, limit), *x))
   plain = jax.jit(lambda *x: output_and_grads(
       lambda q, k, v: reference(q, k, v, segment_ids, image_ids), *x))
   got = kernel(q, k, v, d_out)
   want = plain(q, k, v, d_out)
   assert [x.dtype for x in got] == [dtype] * 4
-  assert got[0].shape == q.shape
+  assert [x.shape for x in got] == [q.shape, q.shape, k.shape, k.shape]
   # The kernel's empty-range rows are zero; the reference spreads them over all keys.
   np.testing.assert_array_equal(jnp.where(real, 0, got[0].astype(jnp.float32)), 0)
   got = (jnp.where(real, got[0], 0), *got[1:])
@@ -146,6 +147,14 @@ def test_flash_attention_matches_reference(dtype, length, heads, kv_heads, block
     scale = np.max(np.abs(w))
     assert scale > 0.1, name
     assert np.max(np.abs(g - w)) < tolerance * scale, name
+
+
+@pytest.mark.parametrize("dtype,length,heads,kv_heads,block_q,block_k,rows", CASES)
+def test_flash_attention_matches_reference(dtype, length, heads, kv_heads, block_q, block_k,
+                                           rows):
+  attention = functools.partial(flash_attention, block_q=block_q, block_k=block_k,
+                                interpret=INTERPRET)
+  assert_matches_reference(attention, dtype, length, heads, kv_heads, rows)
 
 
 def tiles_with_allowed_keys(start, limit, block_q, block_k):
@@ -182,28 +191,40 @@ def test_visited_tiles():
       visited_tiles(start, limit, 32, 32).sum())
 
 
-def test_compiles_for_tpu_without_scores():
-  """v5p, bf16, L 2048, 8 query heads over 2 kv heads of 128, blocks of 512: Mosaic accepts the
-  forward and both backward kernels, and the step's temporaries are far below the 128 MiB of
-  materialised f32 scores."""
-  pytest.importorskip("libtpu")
-  from nmm_jax.compile import topologies
-  device = topologies.target("v5p-8").devices[0]
-  b, l, h, kv, e = 1, 2048, 8, 2, 128
+# The deviceless compile checks' shape: bf16, L 2048, 8 query heads over 2 kv heads of 128.
+COMPILE_SHAPE = dict(b=1, l=2048, h=8, kv=2, e=128)
+
+
+def lowered_forward_backward(attention, device):
+  """jit(value_and_grad) of sum(attention(q, k, v, start, limit)) lowered for one compile-only
+  `device` at COMPILE_SHAPE."""
+  b, l, h, kv, e = COMPILE_SHAPE.values()
   place = jax.sharding.SingleDeviceSharding(device)
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=place)
   args = (spec((b, l, h, e), jnp.bfloat16), spec((b, l, kv, e), jnp.bfloat16),
           spec((b, l, kv, e), jnp.bfloat16), spec((b, l), jnp.int32), spec((b, l), jnp.int32))
 
   def step(q, k, v, start, limit):
-    loss = lambda q, k, v: jnp.sum(flash_attention(q, k, v, start, limit, block_q=512,
-                                                   block_k=512).astype(jnp.float32))
+    loss = lambda q, k, v: jnp.sum(attention(q, k, v, start, limit).astype(jnp.float32))
     return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+  return jax.jit(step).lower(*args)
 
-  lowered = jax.jit(step).lower(*args)
+
+def assert_no_scores(compiled):
+  """Temporaries far below the L x L x H f32 scores XLA's attention would hold (128 MiB)."""
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  scores = COMPILE_SHAPE["l"] ** 2 * COMPILE_SHAPE["h"] * 4
+  assert 0 < temp < scores / 16, temp
+
+
+def test_compiles_for_tpu_without_scores():
+  """v5p, blocks of 512: Mosaic accepts the forward and both backward kernels, and the step's
+  temporaries are far below the 128 MiB of materialised f32 scores."""
+  pytest.importorskip("libtpu")
+  from nmm_jax.compile import topologies
+  attention = functools.partial(flash_attention, block_q=512, block_k=512)
+  lowered = lowered_forward_backward(attention, topologies.target("v5p-8").devices[0])
   with topologies.quiet_stderr():
     compiled = lowered.compile()
   assert compiled.as_text().count('custom_call_target="tpu_custom_call"') == 3
-  temp = compiled.memory_analysis().temp_size_in_bytes
-  scores = l * l * h * 4
-  assert 0 < temp < scores / 16, temp
+  assert_no_scores(compiled)
