@@ -166,6 +166,18 @@ def with_values(config: ml_collections.ConfigDict, **values) -> ml_collections.C
   return config
 
 
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """A run's saved config as a ConfigDict, over base_config(): keys added since the run was
+  saved (model.attention, mesh.sequence_parallel, ...) read their defaults."""
+  def merged(base, values):
+    out = dict(base)
+    for key, value in values.items():
+      out[key] = (merged(base[key], value) if isinstance(value, dict)
+                  and isinstance(base.get(key), dict) else value)
+    return out
+  return ml_collections.ConfigDict(merged(base_config().to_dict(), dict(saved)))
+
+
 def _fail(key, message):
   raise ConfigError(f"config.{key}: {message}")
 
@@ -268,6 +280,8 @@ def _validate_attention(c):
     _require(isinstance(block, int) and (block == 0 or (block >= 128 and block & (block - 1) == 0)),
              f"model.{key}", f"must be 0 (the platform's default) or a power of two >= 128 "
              f"(TPU tiles are multiples of 128, Triton's powers of two), got {block!r}")
+  _require(m.attention != "cudnn" or m.dtype == "bfloat16", "model.attention",
+           f"'cudnn' (cuDNN's fused attention) takes bf16, not model.dtype={m.dtype!r}")
   # Flash attention runs on each device's own heads; validate() already requires mesh.tensor to
   # divide both head counts, so each device's query heads are the ones its kv heads serve.
 

@@ -42,6 +42,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
     ({"train.profile_steps": (5, 2)}, "config.train.profile_steps"),
     ({"train.xla_flags": "fast"}, "config.train.xla_flags"),
     ({"model.attention": "splash"}, "config.model.attention"),
+    ({"model.attention": "cudnn"}, "config.model.attention"),  # f32 compute
     ({"model.flash_block_q": 192}, "config.model.flash_block_q"),
     ({"model.flash_block_k": 64}, "config.model.flash_block_k"),
     ({"train.profile_steps": (1, 999)}, "config.train.profile_steps"),
@@ -87,3 +88,14 @@ def test_cli_rejects_bad_value_before_building_anything(tmp_path):
   assert result.returncode != 0
   assert "config.train.steps: must be a positive integer, got -1" in result.stderr
   assert not os.path.exists(tmp_path / "data")  # failed before data, model or compile
+
+
+def test_a_config_saved_before_newer_keys_reads_their_defaults():
+  """Export and scaling read runs saved by older versions: keys added since take defaults."""
+  from nmm_jax.config import from_saved
+  saved = tiny_config().to_dict()
+  del saved["model"]["attention"], saved["mesh"]["sequence_parallel"]
+  saved["train"]["steps"] = 7
+  config = from_saved(saved)
+  assert config.model.attention == "auto" and config.mesh.sequence_parallel is False
+  assert config.train.steps == 7 and config.model.d_model == tiny_config().model.d_model

@@ -53,6 +53,10 @@ def test_auto_means_flash_on_accelerators_and_xla_here():
   assert attention_kernels.resolved(model_cfg, "tpu").attention == "flash"
   assert attention_kernels.resolved(model_cfg, "gpu").attention == "flash"
   assert attention_kernels.resolved(model_cfg, "cpu").attention == "xla"
+  assert attention_kernels.resolved(model_cfg, "rocm").attention == "xla"  # no kernel there
+  odd_head = tiny_config(**{"model.head_dim": 24}).model  # Triton takes powers of two
+  assert attention_kernels.resolved(odd_head, "gpu").attention == "xla"
+  assert attention_kernels.resolved(odd_head, "tpu").attention == "flash"
   assert model_cfg.attention == "auto"  # a copy was changed
 
 
@@ -94,7 +98,8 @@ def test_flash_compiles_for_a_tpu_without_the_scores(v5p_reports):
 
 def test_cudnn_is_refused_off_gpus():
   with pytest.raises(ConfigError, match="config.model.attention: 'cudnn' runs on NVIDIA GPUs"):
-    report.compile_step(tiny_config(**{"model.attention": "cudnn"}), topologies.target("cpu-8"),
+    report.compile_step(tiny_config(**{"model.attention": "cudnn", "model.dtype": "bfloat16"}),
+                        topologies.target("cpu-8"),
                         per_chip_batch=1)
 
 

@@ -114,12 +114,14 @@ def compile_step(config, target, per_chip_batch: int, count_flops: bool = False)
 
 def unrolled_flops(config, target, per_chip_batch: int):
   """FLOPs per chip of the step with no loops (None where the backend has no cost analysis:
-  the CUDA plugin)."""
+  the CUDA plugin). Counted with XLA's attention: cost analysis cannot see inside a Pallas
+  kernel, so the flash step would count no attention FLOPs at all."""
   batch = per_chip_batch * len(target.devices)
   m = config.model
   depth = max(m.num_layers, m.vision.num_layers if m.fusion == "late" else 1)
   config, _, program = _program(config, target, batch, **{"model.scan_unroll": depth,
-                                                          "train.loss_chunk": config.data.seq_len})
+                                                          "train.loss_chunk": config.data.seq_len,
+                                                          "model.attention": "xla"})
   lowered = program_lib.lower_train_step(program, config, batch)
   with topologies.quiet_stderr():
     cost = lowered.compile().cost_analysis()

@@ -11,6 +11,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from nmm_jax import config as config_lib
 from nmm_jax.checkpoint import Checkpointer
 from nmm_jax.data.shards import run_data_folder, tokenizer_in
 from nmm_jax.models.variables import abstract_model_state, flat_variables
@@ -52,7 +53,7 @@ def open_run(workdir: str, step: int | None = None) -> RunCheckpoint:
     step = max(steps) if step is None else step
     if step not in steps:
       raise ValueError(f"{workdir} has no checkpoint at step {step}; it has {sorted(steps)}")
-    config = ml_collections.ConfigDict(checkpointer.saved_config(step))
+    config = config_lib.from_saved(checkpointer.saved_config(step))
   finally:
     checkpointer.close()
   return RunCheckpoint(workdir, step, config, _tokenizer_path(config, workdir))

@@ -10,8 +10,9 @@ scoring, prefill) path: the mask each one reads, and how it runs on the mesh.
 * "cudnn": jax.nn.dot_product_attention(implementation="cudnn") with the dense mask (GPU only):
   cuDNN's fused kernel, which streams the scores but reads the whole [B, 1, L, L] mask and
   computes masked tiles (no skipping).
-* "auto": "flash" on TPU and GPU, "xla" on other backends (`resolved`: the train program
-  decides it for its mesh's devices, a model built elsewhere for JAX's default backend).
+* "auto": "flash" on TPU and NVIDIA GPUs (head dims Triton takes), "xla" elsewhere
+  (`resolved`: the train program decides it for its mesh's devices, a model built elsewhere
+  for JAX's default backend).
 
 A Pallas call is one program per device, so "flash" runs in a shard_map over the mesh, laid out
 as the attention activations' logical axes say (batch over the batch axes, heads over tensor).
@@ -42,7 +43,10 @@ def resolved(model_cfg, platform: str | None = None):
   if model_cfg.attention != "auto":
     return model_cfg
   platform = platform or jax.default_backend()
-  choice = "flash" if platform in ("tpu", "gpu", "cuda", "rocm") else "xla"
+  # Flash where a kernel is compiled for the platform: Mosaic on TPU; Triton on NVIDIA GPUs for
+  # head dims it takes (powers of two >= 16). ROCm and other backends get XLA's attention.
+  triton_head = model_cfg.head_dim >= 16 and model_cfg.head_dim & (model_cfg.head_dim - 1) == 0
+  choice = "flash" if platform == "tpu" or (platform in ("gpu", "cuda") and triton_head) else "xla"
   model_cfg = model_cfg.copy_and_resolve_references()
   with model_cfg.unlocked():
     model_cfg.attention = choice

@@ -3,8 +3,7 @@
 import json
 import os
 
-import ml_collections
-
+from nmm_jax import config as config_lib
 from nmm_jax.scaling import flops
 
 RUN_FILE = "sweep_run.json"
@@ -36,7 +35,7 @@ def collect_run(workdir: str) -> dict:
     step = checkpointer.latest_step()
     if step is None:
       raise ValueError(f"{workdir}: no complete checkpoint")
-    saved = ml_collections.ConfigDict(checkpointer.saved_config(step))
+    saved = config_lib.from_saved(checkpointer.saved_config(step))
   finally:
     checkpointer.close()
   record = final_eval(workdir, step)
