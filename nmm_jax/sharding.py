@@ -133,12 +133,19 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules, mesh: Mesh,
   return PartitionSpec(*spec)
 
 
+def traced_mesh():
+  """The context mesh of the program being traced when it has this project's axes (the one
+  traced_under sets), else None: a model called eagerly, or jitted without a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names) else mesh
+
+
 def parts(logical: str, size: int) -> int:
   """How many pieces a dimension of `size` along the logical axis `logical` is split into in the
   program being traced (1 outside a mesh): what a computation that keeps per-device partial
   results apart (the loss's head gradient) needs to know."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+  mesh = traced_mesh()
+  if mesh is None:
     return 1
   spec = logical_to_spec((logical,), traced_rules(), mesh, shape=(size,))
   return math.prod(mesh.shape[a] for a in mesh_axes_of(spec[0]))
@@ -149,8 +156,8 @@ def constrain(x, logical_axes: Sequence[str | None]):
   outside one, e.g. a model called eagerly or jitted without a mesh). Without these, GSPMD
   would let a weight's sharding leak into the activations: the embedding table's `embed ->
   fsdp` split carried through the layer scan as [whole batch, L, D/fsdp]."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+  mesh = traced_mesh()
+  if mesh is None:
     return x
   spec = logical_to_spec(logical_axes, traced_rules(), mesh, shape=x.shape)
   return jax.lax.with_sharding_constraint(x, spec)

@@ -96,8 +96,8 @@ def _flash_on_platform(q, k, v, start, limit, *, block_q, block_k):
 
 def _on_mesh(kernel, q, k, v, ranges: KeyRanges):
   """`kernel` in a shard_map over the context mesh (as one program without one)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(sharding.MESH_AXES) <= set(mesh.axis_names):
+  mesh = sharding.traced_mesh()
+  if mesh is None:
     return kernel(q, k, v, *ranges)
   rules = sharding.traced_rules()
   q_spec = sharding.logical_to_spec(Q_AXES, rules, mesh, shape=q.shape)

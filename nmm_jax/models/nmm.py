@@ -85,13 +85,12 @@ class NMM(nnx.Module):
     b, p = prompt["tokens"].shape
     images = self.front_end.encode(self, prompt)
     valid_BxP = prompt["segment_ids"] > 0
-    if self.attention == "flash":
-      # The prompt attends over its own keys (the cache holds nothing before it): the kernel.
-      mask = attention_kernels.attention_mask_for("flash", prompt["segment_ids"],
-                                                  prompt["image_ids"], attention_mask)
-    else:
-      mask = jnp.pad(attention_mask(prompt["segment_ids"], prompt["image_ids"]),
-                     ((0, 0), (0, 0), (0, 0), (0, length - p)))
+    mask = attention_kernels.attention_mask_for(self.attention, prompt["segment_ids"],
+                                                prompt["image_ids"], attention_mask)
+    if not isinstance(mask, attention_kernels.KeyRanges):
+      # The dense mask covers the whole cache; with key ranges (flash) the prompt attends over
+      # its own keys in the kernel (the cache holds nothing before it).
+      mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, length - p)))
     cache = self.decoder.init_cache(b, length, self.compute_dtype)
     x_BxPxD, cache = self.decoder.cached(
         self.embed(prompt, images), prompt["positions"], mask, cache, 0,
