@@ -27,6 +27,11 @@ REMATS = ("none", "full", "save_dots")
 # as key ranges, cuDNN's fused kernel (GPU), or flash on TPU/GPU and xla elsewhere.
 ATTENTION_IMPLEMENTATIONS = ("xla", "flash", "cudnn", "auto")
 DTYPES = ("float32", "bfloat16")
+MOE_BALANCES = ("aux_loss", "bias")
+# The experts' grouped matmul (models/grouped_matmul.py) and the expert-parallel exchange
+# (models/moe.py); "auto" picks per platform at lowering time.
+MOE_GROUPED_MATMULS = ("auto", "ragged_dot", "megablox")
+MOE_EXCHANGES = ("auto", "all_to_all", "ragged")
 
 
 class ConfigError(ValueError):
@@ -66,10 +71,28 @@ def base_config() -> ml_collections.ConfigDict:
       # Mixture of experts (models/moe.py): num_experts > 0 makes decoder MLPs MoEs.
       moe=dict(num_experts=0, top_k=1,
                routing="learned",          # or "modality": image experts / text experts
+               # top_k > 1: the k chosen probabilities renormalised to sum 1 (Mixtral, Qwen3-MoE)
+               # or used as they are (DeepSeek). Top-1 always scales by the probability (Switch):
+               # renormalised it would be 1 and the router would get no gradient from the loss.
+               normalize_topk=True,
                capacity_factor=0.0,        # 0: dropless (grouped matmul); > 0: capacity path
+               # "aux_loss": the Switch load-balancing loss (load_balance_weight); "bias":
+               # DeepSeek-V3's auxiliary-loss-free balancing, a per-expert bias added to the
+               # router probabilities for selection only, moved by bias_update_rate * sign(mean
+               # load - expert load) after each step (the balance loss is then not added).
+               balance="aux_loss",
+               bias_update_rate=0.001,
                load_balance_weight=0.01,   # Switch load-balancing loss
                z_loss_weight=0.001,        # router z-loss
-               every=1),                   # MoE MLP in layers N-1, 2N-1, ...; dense elsewhere
+               num_shared_experts=0,       # always-on experts beside the routed ones (one SwiGLU
+                                           # of num_shared_experts * mlp_dim hidden units)
+               first_dense_layers=0,       # the first layers keep a dense MLP (a multiple of every)
+               # Dropless path on accelerators (auto: megablox on TPU, ragged_dot elsewhere) and
+               # the expert-parallel exchange (auto: ragged_all_to_all on TPU/GPU, sending only
+               # the real assignments; all_to_all of worst-case buffers on CPU).
+               grouped_matmul="auto",
+               exchange="auto",
+               every=1),                   # then MoE in every N-th layer (the N-th, 2N-th, ...)
       # Late fusion (fusion="late"): a ViT trained from scratch + a 2-layer GELU connector.
       vision=dict(d_model=64, num_layers=4, num_heads=4, mlp_dim=256,
                   num_patches=16,      # (data.image_size / patch_size)^2
@@ -222,17 +245,38 @@ def _validate_moe(c):
     _require(moe.num_experts % 2 == 0 and moe.top_k <= moe.num_experts // 2, "model.moe.routing",
              f"'modality' splits the experts in two halves: needs an even num_experts and "
              f"top_k <= num_experts / 2, got {moe.num_experts} and {moe.top_k}")
-  for key in ("capacity_factor", "load_balance_weight", "z_loss_weight"):
+  _require(moe.balance in MOE_BALANCES, "model.moe.balance",
+           f"must be one of {MOE_BALANCES}, got {moe.balance!r}")
+  _require(moe.grouped_matmul in MOE_GROUPED_MATMULS, "model.moe.grouped_matmul",
+           f"must be one of {MOE_GROUPED_MATMULS}, got {moe.grouped_matmul!r}")
+  _require(moe.exchange in MOE_EXCHANGES, "model.moe.exchange",
+           f"must be one of {MOE_EXCHANGES}, got {moe.exchange!r}")
+  _require(isinstance(moe.normalize_topk, bool), "model.moe.normalize_topk",
+           f"must be True or False, got {moe.normalize_topk!r}")
+  for key in ("capacity_factor", "load_balance_weight", "z_loss_weight", "bias_update_rate"):
     _require(moe[key] >= 0, f"model.moe.{key}", f"must be >= 0, got {moe[key]}")
-  _require(isinstance(moe.every, int) and moe.every >= 1 and c.model.num_layers % moe.every == 0,
-           "model.moe.every", f"must be a positive integer dividing model.num_layers="
-           f"{c.model.num_layers} (layers every-1, 2*every-1, ... are MoE), got {moe.every!r}")
+  _require(isinstance(moe.num_shared_experts, int) and moe.num_shared_experts >= 0,
+           "model.moe.num_shared_experts",
+           f"must be a non-negative integer, got {moe.num_shared_experts!r}")
+  _require(isinstance(moe.every, int) and moe.every >= 1, "model.moe.every",
+           f"must be a positive integer, got {moe.every!r}")
+  first = moe.first_dense_layers
+  _require(isinstance(first, int) and 0 <= first < c.model.num_layers and first % moe.every == 0,
+           "model.moe.first_dense_layers",
+           f"must be a multiple of model.moe.every={moe.every} in [0, model.num_layers="
+           f"{c.model.num_layers}), got {first!r}")
+  _require((c.model.num_layers - first) % moe.every == 0, "model.moe.every",
+           f"must divide model.num_layers - model.moe.first_dense_layers = "
+           f"{c.model.num_layers - first} (layers every-1, 2*every-1, ... after the dense ones are "
+           f"MoE), got {moe.every!r}")
   if c.model.fusion == "late" and c.model.vision_fusion in ("internal_add", "internal_xattn"):
     targets = tuple(c.model.fusion_decoder_layers)
-    _require(all(isinstance(t, int) and t % moe.every == 0 for t in targets),
+    _require(all(isinstance(t, int) and (t < first or (t - first) % moe.every == 0)
+                 for t in targets),
              "model.fusion_decoder_layers",
-             f"with model.moe.every={moe.every} the fusion points must be multiples of it (the "
-             f"decoder scans groups of {moe.every} layers), got {targets}")
+             f"with model.moe.every={moe.every} the fusion points after the first "
+             f"{first} dense layers must be {first} + a multiple of it (the decoder scans groups "
+             f"of {moe.every} layers), got {targets}")
 
 
 def _validate_late_fusion(c):

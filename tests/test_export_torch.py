@@ -37,6 +37,15 @@ VARIANTS = {
     "moe_every_2_tied": {"model.num_layers": 4, "model.moe.num_experts": 4,
                          "model.moe.every": 2, "model.tie_embeddings": True,
                          "model.qk_norm": False},
+    # Bias balancing (the biases set below), a shared expert, a dense first layer, top-2
+    # without renormalisation (DeepSeek's weighting).
+    "moe_bias_shared_first_dense": {"model.num_layers": 3, "model.moe.num_experts": 4,
+                                    "model.moe.top_k": 2, "model.moe.normalize_topk": False,
+                                    "model.moe.balance": "bias",
+                                    "model.moe.num_shared_experts": 1,
+                                    "model.moe.first_dense_layers": 1},
+    "moe_modality_bias_top1": {"model.moe.num_experts": 4, "model.moe.top_k": 1,
+                               "model.moe.routing": "modality", "model.moe.balance": "bias"},
 }
 
 
@@ -59,6 +68,10 @@ def test_torch_reference_gives_the_jax_logits(variant, batch):
   if variant == "late_internal_xattn":  # open the zero-initialised gates: they must matter
     for block in model.fusion_blocks:
       block.gate[...] = jnp.full_like(block.gate[...], 0.7)
+  if config.model.moe.balance == "bias":  # biases large enough to change some choices
+    bias = model.decoder.blocks.mlp.router_bias_X
+    bias[...] = jnp.asarray(np.random.default_rng(0).normal(0, 0.2, bias[...].shape),
+                            jnp.float32)
   tensors = {k: torch.from_numpy(np.array(v)) for k, v in flat_params(nnx.state(model)).items()}
   reference = nmm_torch.NMMTorch(config.model.to_dict(), tensors)
   ours = np.asarray(model.logits({k: jnp.asarray(v) for k, v in batch.items()}))

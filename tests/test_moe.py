@@ -26,8 +26,9 @@ D, F = 16, 32
 
 
 def moe_cfg(**kw):
-  base = dict(num_experts=4, top_k=2, routing="learned", capacity_factor=0.0)
-  return ml_collections.ConfigDict({**base, **kw})
+  """model.moe with its defaults, 4 experts top-2, and `kw`."""
+  base = config_lib.base_config().model.moe.to_dict()
+  return ml_collections.ConfigDict({**base, "num_experts": 4, "top_k": 2, **kw})
 
 
 def inputs(seed=0, b=2, l=12):

@@ -105,8 +105,12 @@ class NMMTorch(torch.nn.Module):
 
   def _layer(self, i, name):
     """Decoder layer i's parameter `name` (e.g. "attn.w_q_DxHxE")."""
-    every = self.m["moe"]["every"]
-    if not self.m["moe"]["num_experts"] or every == 1:
+    moe = self.m["moe"]
+    first, every = moe.get("first_dense_layers", 0) if moe["num_experts"] else 0, moe["every"]
+    if i < first:
+      return self.p(f"decoder.dense_blocks.{name}")[i]
+    i -= first
+    if not moe["num_experts"] or every == 1:
       return self.p(f"decoder.blocks.{name}")[i]
     group, j = divmod(i, every)
     if j == every - 1:
@@ -132,20 +136,29 @@ class NMMTorch(torch.nn.Module):
     return out @ w("w_o_HxExD").reshape(-1, d)
 
   def _is_moe(self, i):
-    moe, every = self.m["moe"]["num_experts"] > 0, self.m["moe"]["every"]
-    return moe and i % every == every - 1
+    moe = self.m["moe"]
+    first, every = moe.get("first_dense_layers", 0), moe["every"]
+    return moe["num_experts"] > 0 and i >= first and (i - first) % every == every - 1
 
   def _moe(self, i, x, is_image):
     cfg = self.m["moe"]
     w = lambda n: self._layer(i, f"mlp.{n}")
     experts, k = cfg["num_experts"], cfg["top_k"]
     logits = x @ w("w_router_DxX")  # [B, L, X]
+    allowed = torch.ones_like(logits, dtype=torch.bool)
     if cfg["routing"] == "modality":
-      image_expert = torch.arange(experts) < experts // 2
-      logits = torch.where(image_expert == is_image[..., None], logits, torch.tensor(_MASKED))
+      allowed = (torch.arange(experts) < experts // 2) == is_image[..., None]
+      logits = torch.where(allowed, logits, torch.tensor(_MASKED))
     probs = logits.softmax(-1)
-    top_probs, top_ids = probs.topk(k, dim=-1)  # [B, L, K]
-    weights = top_probs / top_probs.sum(-1, keepdim=True)
+    # Chosen by probability (+ the balancing bias, for selection only); weighted by probability,
+    # renormalised over the k chosen when top_k > 1 and normalize_topk (top-1: the probability).
+    choice = probs
+    if cfg.get("balance", "aux_loss") == "bias":
+      choice = torch.where(allowed, probs + w("router_bias_X"), torch.tensor(-math.inf))
+    top_ids = choice.topk(k, dim=-1).indices  # [B, L, K]
+    weights = probs.gather(-1, top_ids)
+    if k > 1 and cfg.get("normalize_topk", True):
+      weights = weights / weights.sum(-1, keepdim=True)
     b, l, _ = x.shape
     keep = torch.ones_like(top_ids, dtype=torch.bool)
     if cfg["capacity_factor"] > 0:
@@ -159,6 +172,8 @@ class NMMTorch(torch.nn.Module):
     for e in range(experts):
       share = (weights * ((top_ids == e) & keep)).sum(-1, keepdim=True)  # [B, L, 1]
       y = y + share * swiglu(x, gate[e], up[e], down[e])
+    if cfg.get("num_shared_experts", 0):
+      y = y + swiglu(x, w("shared.w_gate_DxF"), w("shared.w_up_DxF"), w("shared.w_down_FxD"))
     return y
 
   # -- vision ------------------------------------------------------------------------------

@@ -90,31 +90,43 @@ class InterleavedGroup(nnx.Module):
 
 
 class Decoder(nnx.Module):
+  """The layers as up to two scanned stacks: `dense_blocks`, moe.first_dense_layers dense
+  layers (MoE models only), then `blocks`, the rest in scan units of one layer, or with MoE
+  every N > 1 of N layers (InterleavedGroup)."""
+
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.remat = cfg.remat
     self.num_layers = cfg.num_layers
     self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
     self.num_kv_heads = cfg.num_kv_heads
-    # The scan unit: one layer, or with MoE every N > 1 layers a group of N (InterleavedGroup).
     moe = cfg.moe.num_experts > 0
+    self.first_dense = cfg.moe.first_dense_layers if moe else 0
     self.unit = cfg.moe.every if moe else 1
-    self.num_units = cfg.num_layers // self.unit
-    self.scan_unroll = min(cfg.scan_unroll, self.num_units)
+    self.num_units = (cfg.num_layers - self.first_dense) // self.unit
+    self.scan_unroll = cfg.scan_unroll
 
     # One unit's parameters per unit along a leading "layers" axis, so the forward pass is a
     # scan whose compile time does not grow with depth.
+    if self.first_dense:
+      self.dense_blocks = stacked(self.first_dense,
+                                  lambda r: DecoderBlock(cfg, moe=False, rngs=r), rngs)
     if self.unit == 1:
       self.blocks = stacked(self.num_units, lambda r: DecoderBlock(cfg, moe=moe, rngs=r), rngs)
     else:
       self.blocks = stacked(self.num_units, lambda r: InterleavedGroup(cfg, rngs=r), rngs)
+
+  def _stacks(self):
+    """(attribute, units, layers per unit, first layer) of each stack, in order."""
+    stacks = [("dense_blocks", self.first_dense, 1, 0)] if self.first_dense else []
+    return stacks + [("blocks", self.num_units, self.unit, self.first_dense)]
 
   def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL, before_layer=None, is_image_BxL=None,
                valid_BxL=None):
     """(x, per-MoE-layer statistics stacked on a leading axis; {} when dense).
 
     `before_layer`: {decoder layer index: fn(x_BxLxD) -> x_BxLxD} applied to the residual
-    stream just before that layer (late fusion's internal modes; with MoE every N, a multiple
-    of N); the units between two such points run as one scan over their slice of the stacked
+    stream just before that layer (late fusion's internal modes; with MoE every N, the start of
+    a unit); the units between two such points run as one scan over their slice of the stacked
     parameters. `is_image_BxL` and `valid_BxL` (real, non-padding tokens) feed the MoE routers
     and their statistics."""
     rope = rope_tables(positions_BxL, self.head_dim, self.rope_theta)
@@ -125,14 +137,19 @@ class Decoder(nnx.Module):
 
     if self.remat != "none":
       apply_block = nnx.remat(apply_block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-    return self._over_units(apply_block, x_BxLxD, {}, before_layer)
+    x_BxLxD, outputs = self._over_stacks(apply_block, x_BxLxD,
+                                         {name: {} for name, *_ in self._stacks()}, before_layer)
+    return x_BxLxD, outputs["blocks"]  # the dense stack has no MoE statistics
 
   def init_cache(self, batch: int, length: int, dtype):
-    """Empty key/value cache for decoding `batch` sequences of up to `length` tokens:
+    """Empty key/value cache for decoding `batch` sequences of up to `length` tokens: per stack
     {"k", "v"}: [units, (layers per unit,) B, T, K, E]."""
-    lead = (self.num_units,) if self.unit == 1 else (self.num_units, self.unit)
-    shape = lead + (batch, length, self.num_kv_heads, self.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    cache = {}
+    for name, units, unit, _ in self._stacks():
+      lead = (units,) if unit == 1 else (units, unit)
+      shape = lead + (batch, length, self.num_kv_heads, self.head_dim)
+      cache[name] = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    return cache
 
   def cached(self, x_BxLxD, positions_BxL, mask_Bx1xLxT, cache, write_at, before_layer=None,
              is_image_BxL=None, valid_BxL=None):
@@ -146,11 +163,22 @@ class Decoder(nnx.Module):
       return block.cached(x_BxLxD, rope, mask_Bx1xLxT, is_image_BxL, valid_BxL, unit_cache,
                           write_at)
 
-    return self._over_units(apply_block, x_BxLxD, cache, before_layer)
+    return self._over_stacks(apply_block, x_BxLxD, cache, before_layer)
 
-  def _over_units(self, apply_block, x_BxLxD, per_unit, before_layer):
-    """Scans `apply_block(x, unit, unit's slice of per_unit) -> (x, output)` over the units;
-    returns (x, the outputs stacked on a leading axis)."""
+  def _over_stacks(self, apply_block, x_BxLxD, per_stack, before_layer):
+    """Each stack in turn (`_over_units`), the injections before its layers with it; returns
+    (x, {stack: its outputs})."""
+    outputs = {}
+    for name, units, unit, first in self._stacks():
+      before_unit = {(layer - first) // unit: fn for layer, fn in (before_layer or {}).items()
+                     if first <= layer < first + units * unit}
+      x_BxLxD, outputs[name] = self._over_units(apply_block, x_BxLxD, getattr(self, name),
+                                                units, per_stack[name], before_unit)
+    return x_BxLxD, outputs
+
+  def _over_units(self, apply_block, x_BxLxD, blocks, num_units, per_unit, before_unit):
+    """Scans `apply_block(x, unit, unit's slice of per_unit) -> (x, output)` over a stack's
+    units; returns (x, the outputs stacked on a leading axis)."""
     def run(x_BxLxD, blocks, per_unit, length):
       # unroll >= length removes the loop: on XLA:CPU that saves stacking every layer's
       # residuals for the backward pass (bench config: 5.6 -> 4.7 s/step), at a compile time
@@ -160,11 +188,10 @@ class Decoder(nnx.Module):
                       transform_metadata={nnx.PARTITION_NAME: "layers"})
       return scan(x_BxLxD, blocks, per_unit)
 
-    if not before_layer:
-      return run(x_BxLxD, self.blocks, per_unit, self.num_units)
-    before_unit = {layer // self.unit: fn for layer, fn in before_layer.items()}
-    graphdef, stacked_params = nnx.split(self.blocks)
-    bounds = sorted(set(before_unit) | {0, self.num_units})
+    if not before_unit:
+      return run(x_BxLxD, blocks, per_unit, num_units)
+    graphdef, stacked_params = nnx.split(blocks)
+    bounds = sorted(set(before_unit) | {0, num_units})
     outputs = []
     for start, stop in zip(bounds[:-1], bounds[1:]):
       if start in before_unit:

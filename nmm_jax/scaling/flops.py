@@ -13,16 +13,19 @@ from nmm_jax.config import vision_layer_plan
 
 def _decoder_mlp_params(m) -> tuple:
   """(all, active per token) parameters of the decoder's MLPs: an MoE holds num_experts
-  SwiGLUs and a router, a token passes top_k of them; with moe.every = N one layer in N is MoE,
-  the others dense."""
+  SwiGLUs and a router (and with moe.balance="bias" a selection bias per expert), a token
+  passes top_k of them and the shared experts (num_shared_experts SwiGLUs' worth, always on);
+  after moe.first_dense_layers dense layers, one layer in moe.every is MoE, the others dense."""
   swiglu = 3 * m.d_model * m.mlp_dim
   if not m.moe.num_experts:
     return m.num_layers * swiglu, m.num_layers * swiglu
   router = m.d_model * m.moe.num_experts
-  moe_layers = m.num_layers // m.moe.every
+  bias = m.moe.num_experts if m.moe.balance == "bias" else 0
+  shared = m.moe.num_shared_experts * swiglu
+  moe_layers = (m.num_layers - m.moe.first_dense_layers) // m.moe.every
   dense = (m.num_layers - moe_layers) * swiglu
-  return (dense + moe_layers * (m.moe.num_experts * swiglu + router),
-          dense + moe_layers * (m.moe.top_k * swiglu + router))
+  return (dense + moe_layers * (m.moe.num_experts * swiglu + shared + router + bias),
+          dense + moe_layers * (m.moe.top_k * swiglu + shared + router))
 
 
 def decoder_params(m) -> int:

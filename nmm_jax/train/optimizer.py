@@ -3,6 +3,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nmm_jax.models.moe import is_router_bias
+
 
 def learning_rate_schedule(t) -> optax.Schedule:
   """Linear warmup, then either
@@ -38,10 +40,16 @@ def _vision_mask(params):
   return jax.tree_util.tree_map_with_path(in_vision, params)
 
 
+def _router_bias_mask(params):
+  """True for the MoE selection biases (models/moe.py RouterBias): the train step sets them."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: is_router_bias(path), params)
+
+
 def make_optimizer(t, model=None) -> optax.GradientTransformation:
   """AdamW with global-norm clipping. Late fusion (`model.fusion="late"`): the encoder's updates
   are scaled by `model.vision.lr_scale`, or zeroed when `model.vision.freeze` (its weight decay
-  too, since it is part of the update)."""
+  too, since it is part of the update). MoE balance="bias": the selection biases get no
+  update here (train/step.py moves them by the expert loads)."""
   parts = [
       optax.clip_by_global_norm(t.clip_norm),
       optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
@@ -51,4 +59,6 @@ def make_optimizer(t, model=None) -> optax.GradientTransformation:
     scale = 0.0 if model.vision.freeze else float(model.vision.lr_scale)
     if scale != 1.0:
       parts.append(optax.masked(optax.scale(scale), _vision_mask))
+  if model is not None and model.moe.num_experts and model.moe.balance == "bias":
+    parts.append(optax.masked(optax.set_to_zero(), _router_bias_mask))
   return optax.chain(*parts)

@@ -5,15 +5,30 @@ import optax
 from flax import nnx
 
 from nmm_jax.models.lm_head import token_nll
+from nmm_jax.models.moe import is_router_bias, update_router_bias
 from nmm_jax.train.loss import loss_sums, weighted_nll
 
 
 def moe_aux_loss(stats, moe):
-  """The weighted MoE auxiliary losses, averaged over layers (0 for dense models)."""
+  """The weighted MoE auxiliary losses, averaged over layers (0 for dense models). With
+  moe.balance="bias" the bias balances the load and the balance loss is left out."""
   if not stats:
     return 0.0
-  return (moe.load_balance_weight * jnp.mean(stats["load_balance"])
+  balance = 0.0 if moe.balance == "bias" else moe.load_balance_weight
+  return (balance * jnp.mean(stats["load_balance"])
           + moe.z_loss_weight * jnp.mean(stats["z_loss"]))
+
+
+def with_router_bias_updated(params, stats, moe):
+  """moe.balance="bias": each MoE layer's selection bias moved by this step's expert loads (its
+  real tokens' assignments, summed over microbatches). The MoE layers' statistics and biases
+  are stacked alike, one per layer on the leading axis."""
+  if moe is None or moe.balance != "bias" or not stats:
+    return params
+  load_UxX = stats["image_per_expert"] + stats["text_per_expert"]
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: (update_router_bias(p, load_UxX, moe.bias_update_rate, moe.routing)
+                       if is_router_bias(path) else p), params)
 
 
 def in_compute_dtype(params, dtype):
@@ -21,8 +36,11 @@ def in_compute_dtype(params, dtype):
   sharded: FSDP's per-layer all-gathers then move bf16, half the bytes of the f32 master copy.
   The gradient flows back through the cast to the f32 parameters."""
   dtype = jnp.dtype(dtype)
-  return jax.tree.map(
-      lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+  # The MoE selection bias stays f32: its steps (moe.bias_update_rate) are below bf16's
+  # resolution near its values.
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: (p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating)
+                       and not is_router_bias(path) else p), params)
 
 
 def split_microbatches(batch, k: int):
@@ -76,7 +94,8 @@ def make_train_step(graphdef, tx, schedule, num_sources, loss_chunk, moe=None,
       moe_stats = {k: (jnp.mean(v, axis=0) if k in _MEAN_STATS else jnp.sum(v, axis=0))
                    for k, v in stats.items()}
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    params = with_router_bias_updated(optax.apply_updates(state["params"], updates), moe_stats,
+                                      moe)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                "sums": loss_sums(nll_BxL, batch, num_sources)}
     if moe_stats:
