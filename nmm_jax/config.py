@@ -92,6 +92,11 @@ def base_config() -> ml_collections.ConfigDict:
                # the real assignments; all_to_all of worst-case buffers on CPU).
                grouped_matmul="auto",
                exchange="auto",
+               # Expert parallelism, dropless path: an expert device's receive buffer, in
+               # multiples of a device's own assignments. 0: mesh.expert times (the worst case:
+               # nothing dropped, at expert x the buffer memory); e.g. 2: overflow beyond twice a
+               # balanced load is dropped (counted in moe/dropped). Same drops on every platform.
+               exchange_capacity=0.0,
                every=1),                   # then MoE in every N-th layer (the N-th, 2N-th, ...)
       # Late fusion (fusion="late"): a ViT trained from scratch + a 2-layer GELU connector.
       vision=dict(d_model=64, num_layers=4, num_heads=4, mlp_dim=256,
@@ -255,6 +260,9 @@ def _validate_moe(c):
            f"must be True or False, got {moe.normalize_topk!r}")
   for key in ("capacity_factor", "load_balance_weight", "z_loss_weight", "bias_update_rate"):
     _require(moe[key] >= 0, f"model.moe.{key}", f"must be >= 0, got {moe[key]}")
+  _require(moe.exchange_capacity == 0 or moe.exchange_capacity >= 1, "model.moe.exchange_capacity",
+           f"must be 0 (the worst case: nothing dropped) or >= 1 (multiples of a device's own "
+           f"assignments), got {moe.exchange_capacity}")
   _require(isinstance(moe.num_shared_experts, int) and moe.num_shared_experts >= 0,
            "model.moe.num_shared_experts",
            f"must be a non-negative integer, got {moe.num_shared_experts!r}")

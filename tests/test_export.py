@@ -1,6 +1,6 @@
 """nmm-export and the Hugging Face import, on real checkpoints of short tiny runs: safetensors
-read back by the library, Hugging Face Qwen3 / Llama folders loaded by transformers with our
-log-probabilities, the import round trip, and a run started from an exported decoder."""
+read back by the library, Hugging Face Qwen3 / Llama / Qwen3-MoE folders loaded by transformers
+with our log-probabilities, the import round trip, and a run started from an exported decoder."""
 import json
 import os
 import subprocess
@@ -26,19 +26,32 @@ RUNS = {
     # QK-norm off, tied embeddings -> LlamaForCausalLM
     "llama": {"model.qk_norm": False, "model.tie_embeddings": True},
 }
+MOE_RUNS = {
+    # -> Qwen3MoeForCausalLM: top-2, renormalised (norm_topk_prob), every layer MoE
+    "qwen3_moe": {"model.moe.num_experts": 4, "model.moe.top_k": 2},
+    # top-1 (weighted by the raw probability), layers dense, dense, dense, MoE: dense_blocks,
+    # blocks.dense and blocks.moe_block; HF's mlp_only_layers and decoder_sparse_step
+    "qwen3_moe_top1_every2": {"model.moe.num_experts": 4, "model.moe.top_k": 1,
+                              "model.num_layers": 4, "model.moe.every": 2,
+                              "model.moe.first_dense_layers": 2},
+}
 
 
 @pytest.fixture(scope="module")
 def runs(shapes_data_dir, tmp_path_factory):
-  """{name: workdir} of 3-step runs (past initialisation: norms and heads have moved)."""
-  out = {}
-  for name, overrides in RUNS.items():
-    workdir = str(tmp_path_factory.mktemp(f"run_{name}"))
-    train_and_evaluate(tiny_config(**{"data.dir": shapes_data_dir, "train.steps": 3,
-                                      "train.warmup_steps": 1, "checkpoint.every_steps": 3,
-                                      "eval.every_steps": 100, **overrides}), workdir)
-    out[name] = workdir
-  return out
+  """{name: workdir} of 3-step runs (past initialisation: norms and heads have moved), of
+  RUNS and MOE_RUNS, each trained when a test first asks for it (a test of the dense exports
+  does not wait for the MoE runs)."""
+  class Runs(dict):
+    def __missing__(self, name):
+      workdir = str(tmp_path_factory.mktemp(f"run_{name}"))
+      overrides = {**RUNS, **MOE_RUNS}[name]
+      train_and_evaluate(tiny_config(**{"data.dir": shapes_data_dir, "train.steps": 3,
+                                        "train.warmup_steps": 1, "checkpoint.every_steps": 3,
+                                        "eval.every_steps": 100, **overrides}), workdir)
+      self[name] = workdir
+      return workdir
+  return Runs()
 
 
 def _text_batch(tokenizer, length=24):
@@ -77,14 +90,19 @@ def test_safetensors_export_holds_every_parameter(runs, tmp_path):
 
 
 @pytest.mark.parametrize("name,arch",
-                         [("qwen3", "Qwen3ForCausalLM"), ("llama", "LlamaForCausalLM")])
+                         [("qwen3", "Qwen3ForCausalLM"), ("llama", "LlamaForCausalLM"),
+                          ("qwen3_moe", "Qwen3MoeForCausalLM"),
+                          ("qwen3_moe_top1_every2", "Qwen3MoeForCausalLM")])
 def test_hf_export_loads_in_transformers_with_our_log_probs(runs, tmp_path, name, arch):
   import torch
   import transformers
   out = str(tmp_path / name)
   export(runs[name], out, "hf")
-  model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+  # Every weight in the folder has its place: none missing (left at random init), none unused.
+  model, info = transformers.AutoModelForCausalLM.from_pretrained(
+      out, dtype=torch.float32, output_loading_info=True)
   assert type(model).__name__ == arch
+  assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
   run = run_checkpoint.open_run(runs[name])
   tokenizer = load_tokenizer(run.tokenizer_path)
   tokens, positions = _text_batch(tokenizer)
@@ -133,10 +151,26 @@ def test_a_run_starts_from_an_exported_decoder(runs, shapes_data_dir, tmp_path):
     hf.check_init_from(wrong)
 
 
+def test_hf_import_refuses_moe_folders(runs, tmp_path):
+  out = str(tmp_path / "moe")
+  export(runs["qwen3_moe"], out, "hf")
+  with pytest.raises(hf.ExportError, match="qwen3_moe.*MoE checkpoints is not supported"):
+    hf.import_folder(out)
+
+
 def test_bad_exports_are_refused(runs, tmp_path):
-  moe = tiny_config(**{"model.moe.num_experts": 4}).model
-  with pytest.raises(hf.ExportError, match="model.moe.num_experts=4"):
-    hf.family(moe)
+  # MoE decoders that Qwen3-MoE's forward pass does not compute: each message names the key.
+  moe = {"model.moe.num_experts": 4, "model.moe.top_k": 2}
+  for overrides, key in [({"model.moe.routing": "modality"}, "model.moe.routing='modality'"),
+                         ({"model.moe.capacity_factor": 1.25}, "model.moe.capacity_factor=1.25"),
+                         ({"model.moe.balance": "bias"}, "model.moe.balance='bias'"),
+                         ({"model.moe.num_shared_experts": 1}, "model.moe.num_shared_experts=1"),
+                         ({"model.qk_norm": False}, "model.qk_norm=False")]:
+    model_cfg = tiny_config(**moe, **overrides).model
+    with pytest.raises(hf.ExportError) as refused:
+      hf.family(model_cfg)
+    assert key in str(refused.value) and "--format=safetensors" in str(refused.value)
+  assert hf.family(tiny_config(**moe).model) == "Qwen3MoeForCausalLM"
   (tmp_path / "full").mkdir()
   (tmp_path / "full" / "x").write_text("x")
   cases = [([f"--workdir={tmp_path}", "--format=hf", f"--out={tmp_path / 'o'}"],

@@ -49,8 +49,8 @@ def _layer_outputs(moe, x, is_image, valid, mesh):
   graphdef, params = nnx.split(moe)
 
   def loss(params, x):
-    y, _ = nnx.merge(graphdef, params)(x, is_image, valid)
-    return jnp.sum(y * jnp.cos(x)), y
+    y, stats = nnx.merge(graphdef, params)(x, is_image, valid)
+    return jnp.sum(y * jnp.cos(x)), (y, stats["dropped"])
 
   step = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
   params = jax.device_put(params, sharding.param_shardings(
@@ -60,25 +60,53 @@ def _layer_outputs(moe, x, is_image, valid, mesh):
     return step(params, x)
 
 
-@pytest.mark.parametrize("mesh_shape", [dict(data=2, fsdp=1, tensor=1, expert=4),
-                                        dict(data=1, fsdp=1, tensor=2, expert=4)])
-def test_ragged_exchange_equals_the_fixed_buffers(mesh_shape, monkeypatch):
-  """exchange="ragged" (the collective emulated) gives the all_to_all path's outputs and
-  gradients (w.r.t. the input and every parameter)."""
+@pytest.mark.parametrize("mesh_shape,receive", [
+    (dict(data=2, fsdp=1, tensor=1, expert=4), 0.0),
+    (dict(data=1, fsdp=1, tensor=2, expert=4), 0.0),
+    (dict(data=2, fsdp=1, tensor=1, expert=4), 1.5)])
+def test_ragged_exchange_equals_the_fixed_buffers(mesh_shape, receive, monkeypatch):
+  """exchange="ragged" (the collective emulated) gives the all_to_all path's outputs, drops
+  and gradients (w.r.t. the input and every parameter): dropless with the worst-case buffer,
+  and dropping the same assignments with moe.exchange_capacity=1.5 under a skewed router."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(8, 6, D)), jnp.float32)
   is_image, valid = jnp.asarray(rng.random((8, 6)) < 0.4), jnp.ones((8, 6), bool)
   mesh = sharding.make_mesh(mesh_shape)
   results = {}
   for exchange in ("all_to_all", "ragged"):
-    moe = MoEMLP(D, F, moe_cfg(exchange=exchange), param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    moe = MoEMLP(D, F, moe_cfg(exchange=exchange, exchange_capacity=receive),
+                 param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    if receive:  # a constant feature draws most tokens to experts 0-1 (the first device)
+      x = x.at[..., 0].set(3.0)
+      moe.w_router_DxX[...] = moe.w_router_DxX[...].at[0, :2].add(2.0)
     with monkeypatch.context() as patch:
       patch.setattr(jax.lax, "ragged_all_to_all", emulated_ragged_all_to_all)
       results[exchange] = _layer_outputs(moe, x, is_image, valid, mesh)
-  (grads, y), (grads_ragged, y_ragged) = results["all_to_all"], results["ragged"]
+  (grads, (y, dropped)), (grads_ragged, (y_ragged, dropped_ragged)) = results.values()
+  assert float(dropped_ragged) == float(dropped)
+  assert (float(dropped) > 0) == (receive > 0), float(dropped)
   np.testing.assert_allclose(y_ragged, y, rtol=1e-5, atol=1e-6)
   for g_ragged, g in zip(jax.tree.leaves(grads_ragged), jax.tree.leaves(grads)):
     np.testing.assert_allclose(g_ragged, g, rtol=1e-4, atol=1e-6)
+
+
+def test_receive_buffer_drops_the_overflow_only():
+  """exchange_capacity=2 on a layer whose router sends everything to expert 0, data=2 x
+  expert=4: each device holds 6 tokens, and expert 0's device in each data group takes 2 x 6
+  of its group's 24; the rest are dropped. With the worst-case buffer none is."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(8, 6, D)), jnp.float32)
+  flags = jnp.zeros((8, 6), bool), jnp.ones((8, 6), bool)
+  mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=1, expert=4))
+  dropped = {}
+  for receive in (0.0, 2.0):
+    moe = MoEMLP(D, F, moe_cfg(top_k=1, exchange="all_to_all", exchange_capacity=receive),
+                 param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    moe.w_router_DxX[...] = jnp.zeros((D, 8)).at[:, 0].set(1.0)
+    # Positive inputs: every token's largest logit is expert 0's.
+    dropped[receive] = float(_layer_outputs(moe, jnp.abs(x), *flags, mesh)[1][1])
+  assert dropped[0.0] == 0
+  assert dropped[2.0] == 48 - 2 * 12
 
 
 def test_offsets_place_every_run_back_to_back():
@@ -86,7 +114,8 @@ def test_offsets_place_every_run_back_to_back():
   source order without gaps or overlaps, and the return trip lands each run where it left."""
   sizes = np.random.default_rng(1).integers(0, 5, size=(4, 4))
   for me in range(4):
-    o = jax.tree.map(np.asarray, moe_lib.ragged_offsets(jnp.asarray(sizes), me))
+    o = jax.tree.map(np.asarray, moe_lib.ragged_offsets(jnp.asarray(sizes), jnp.asarray(sizes),
+                                                         me))
     np.testing.assert_array_equal(o.send_sizes, sizes[me])
     np.testing.assert_array_equal(o.input, np.concatenate([[0], np.cumsum(sizes[me])[:-1]]))
     np.testing.assert_array_equal(o.recv_sizes, sizes[:, me])

@@ -91,7 +91,9 @@ def collectives(hlo_text: str) -> list:
   """[{kind, count, executed, bytes, dtypes}] per collective kind. `count`: ops in the
   program; `executed`: runs per step (ops in loop bodies times the trip count); `bytes`: the
   result bytes of every run, summed (async `-start` ops: the gathered/reduced result, not the
-  operand copy in their tuple); `dtypes`: those bytes by element type."""
+  operand copy in their tuple); `dtypes`: those bytes by element type. A ragged-all-to-all's
+  result is its whole receive buffer, so its bytes bound the traffic, which the routing decides
+  at run time."""
   computations = _computations(hlo_text)
   runs = _executions(computations)
   totals = {}

@@ -11,7 +11,9 @@ tokenizer file) and the run's tokenizer file.
 
 hf: the text decoder as a Hugging Face Qwen3ForCausalLM (QK-norm on) or LlamaForCausalLM
 folder (config.json, model.safetensors, the tokenizer when the run has a tokenizer.json);
-`transformers.AutoModelForCausalLM.from_pretrained(OUT)` loads it. MoE decoders are refused.
+`transformers.AutoModelForCausalLM.from_pretrained(OUT)` loads it. An MoE decoder with learned,
+dropless routing balanced by the aux loss and no shared experts becomes Qwen3MoeForCausalLM;
+other MoE decoders are refused with a message naming the key.
 
 torch: the safetensors export plus nmm_torch.py, a pure-PyTorch reference of every model family
 (early, late in each vision_fusion mode, MoE): `nmm_torch.load(OUT)` in that folder needs only

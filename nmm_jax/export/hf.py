@@ -2,22 +2,37 @@
 
 Our decoder block is the Qwen3 block (RMSNorm, GQA with the KV heads in Hugging Face's order,
 half-split RoPE, per-head q/k RMSNorm before RoPE, SwiGLU, no biases), or the Llama block when
-QK-norm is off, so the mapping is renames and transposes only:
+QK-norm is off, so the mapping is renames and transposes only. Layer i's parameters are
+`<stack>.<name>[index]` (`_layer_source`): `decoder.blocks.*[i]` in a dense decoder; in an MoE
+one `decoder.dense_blocks.*[i]` for the moe.first_dense_layers, then `decoder.blocks.*[j]`
+(moe.every=1) or, with every=N > 1, `decoder.blocks.dense.*[group, j]` and
+`decoder.blocks.moe_block.*[group]` for the group's last (MoE) layer:
 
-  embed_VxD                          model.embed_tokens.weight            [V, D]
-  decoder.blocks.attn_norm.scale[i]  model.layers.i.input_layernorm.weight
-  decoder.blocks.attn.w_q_DxHxE[i]   model.layers.i.self_attn.q_proj.weight  [H*E, D] (transposed)
-  ... w_k_DxKxE, w_v_DxKxE           k_proj, v_proj                       [K*E, D]
-  decoder.blocks.attn.w_o_HxExD[i]   model.layers.i.self_attn.o_proj.weight  [D, H*E]
-  decoder.blocks.attn.{q,k}_norm.scale[i]  model.layers.i.self_attn.{q,k}_norm.weight (Qwen3)
-  decoder.blocks.mlp_norm.scale[i]   model.layers.i.post_attention_layernorm.weight
-  decoder.blocks.mlp.w_{gate,up}_DxF[i], w_down_FxD[i]
-                                     model.layers.i.mlp.{gate,up,down}_proj.weight
-  final_norm.scale                   model.norm.weight
-  head_DxV                           lm_head.weight [V, D] (absent when embeddings are tied)
+  embed_VxD                      model.embed_tokens.weight            [V, D]
+  <layer i>.attn_norm.scale      model.layers.i.input_layernorm.weight
+  <layer i>.attn.w_q_DxHxE       model.layers.i.self_attn.q_proj.weight  [H*E, D] (transposed)
+  ... w_k_DxKxE, w_v_DxKxE       k_proj, v_proj                       [K*E, D]
+  <layer i>.attn.w_o_HxExD       model.layers.i.self_attn.o_proj.weight  [D, H*E]
+  <layer i>.attn.{q,k}_norm.scale  model.layers.i.self_attn.{q,k}_norm.weight (Qwen3)
+  <layer i>.mlp_norm.scale       model.layers.i.post_attention_layernorm.weight
+  <layer i>.mlp.w_{gate,up}_DxF, w_down_FxD
+                                 model.layers.i.mlp.{gate,up,down}_proj.weight
+  MoE layers (Qwen3MoeForCausalLM):
+  <layer i>.mlp.w_router_DxX     model.layers.i.mlp.gate.weight       [X, D]
+  <layer i>.mlp.w_{gate,up}_XxDxF[e], w_down_XxFxD[e]
+                                 model.layers.i.mlp.experts.e.{gate,up,down}_proj.weight
+  final_norm.scale               model.norm.weight
+  head_DxV                       lm_head.weight [V, D] (absent when embeddings are tied)
+
+The experts are written one tensor per expert and projection: the layout of the published
+Qwen3-MoE checkpoints, and what transformers' own save_pretrained writes. transformers >= 5
+fuses them into its experts.gate_up_proj / down_proj on load (conversion_mapping.py); readers
+of the published checkpoints take them as they are.
 
 Image parts (patch projection, vision encoder, connector, fusion blocks) have no place in these
-families and are left out: the export is the text decoder. An MoE decoder is refused.
+families and are left out: the export is the text decoder. An MoE decoder exports only when it
+is exactly Qwen3-MoE: learned routing, dropless, aux-loss balancing, no shared experts, QK-norm
+(`family` names the key that rules out the others). Import takes dense folders only.
 """
 import json
 import os
@@ -38,32 +53,61 @@ class ExportError(ValueError):
 
 def family(model_cfg) -> str:
   """The Hugging Face architecture whose block is ours, or ExportError."""
-  if model_cfg.moe.num_experts:
-    raise ExportError(
-        f"model.moe.num_experts={model_cfg.moe.num_experts}: an MoE decoder (routing "
-        f"{model_cfg.moe.routing!r}) matches no Hugging Face family exactly; export it with "
-        f"--format=safetensors")
-  return "Qwen3ForCausalLM" if model_cfg.qk_norm else "LlamaForCausalLM"
+  moe = model_cfg.moe
+  if not moe.num_experts:
+    return "Qwen3ForCausalLM" if model_cfg.qk_norm else "LlamaForCausalLM"
+  # Each refusal is a behaviour Qwen3-MoE's forward pass does not have, so its log-probs would
+  # differ from ours; the nmm_jax formats keep everything.
+  refusals = [
+      (moe.routing != "learned", f"model.moe.routing={moe.routing!r}",
+       "no Hugging Face family routes by modality"),
+      (moe.capacity_factor > 0, f"model.moe.capacity_factor={moe.capacity_factor}",
+       "ours drops the assignments past each expert's capacity; Qwen3-MoE is dropless"),
+      (moe.balance != "aux_loss", f"model.moe.balance={moe.balance!r}",
+       "the balancing bias changes which experts are chosen; Qwen3-MoE's router has no bias"),
+      (moe.num_shared_experts > 0, f"model.moe.num_shared_experts={moe.num_shared_experts}",
+       "Qwen3-MoE has no shared experts"),
+      (not model_cfg.qk_norm, "model.qk_norm=False",
+       "the only MoE family here is Qwen3-MoE, whose attention has QK-norm"),
+  ]
+  for refused, key, why in refusals:
+    if refused:
+      raise ExportError(f"{key} with model.moe.num_experts={moe.num_experts}: {why}, so the MoE "
+                        f"decoder matches no Hugging Face family; export it with "
+                        f"--format=safetensors or --format=torch")
+  return "Qwen3MoeForCausalLM"
 
 
 def hf_config(model_cfg, max_positions: int):
   """The transformers config object of the exported model."""
   import transformers
   arch = family(model_cfg)
-  config_class = transformers.Qwen3Config if arch.startswith("Qwen3") else transformers.LlamaConfig
   m = model_cfg
-  return config_class(
+  common = dict(
       architectures=[arch], vocab_size=m.vocab_size, hidden_size=m.d_model,
       intermediate_size=m.mlp_dim, num_hidden_layers=m.num_layers,
       num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim,
       hidden_act="silu", rms_norm_eps=m.norm_eps, max_position_embeddings=max_positions,
       rope_parameters={"rope_type": "default", "rope_theta": float(m.rope_theta)},
-      tie_word_embeddings=bool(m.tie_embeddings), attention_bias=False, mlp_bias=False,
+      tie_word_embeddings=bool(m.tie_embeddings), attention_bias=False,
       dtype=str(m.param_dtype))
+  if arch == "Qwen3MoeForCausalLM":
+    moe = m.moe
+    # Layer i is MoE in HF iff i is not in mlp_only_layers and (i + 1) % decoder_sparse_step
+    # == 0: ours (i >= first, (i - first) % every == every - 1) since first % every == 0.
+    # Top-1 weights by the raw probability (HF's norm_topk_prob would make it 1).
+    return transformers.Qwen3MoeConfig(
+        **common, num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
+        norm_topk_prob=bool(moe.normalize_topk and moe.top_k > 1),
+        moe_intermediate_size=m.mlp_dim, decoder_sparse_step=moe.every,
+        mlp_only_layers=list(range(moe.first_dense_layers)), output_router_logits=False,
+        router_aux_loss_coef=float(moe.load_balance_weight))
+  config_class = transformers.Qwen3Config if arch.startswith("Qwen3") else transformers.LlamaConfig
+  return config_class(**common, mlp_bias=False)
 
 
 def _layer_map(qk_norm: bool):
-  """(our stacked name, HF per-layer name, ours[i] -> HF array)."""
+  """(our name within a block, HF per-layer name, ours[i] -> HF array) of a dense block."""
   def heads_in(w_DxHxE):
     return w_DxHxE.reshape(w_DxHxE.shape[0], -1).T
 
@@ -71,20 +115,50 @@ def _layer_map(qk_norm: bool):
     return w_HxExD.reshape(-1, w_HxExD.shape[-1]).T
 
   rows = [
-      ("decoder.blocks.attn_norm.scale", "input_layernorm.weight", None),
-      ("decoder.blocks.attn.w_q_DxHxE", "self_attn.q_proj.weight", heads_in),
-      ("decoder.blocks.attn.w_k_DxKxE", "self_attn.k_proj.weight", heads_in),
-      ("decoder.blocks.attn.w_v_DxKxE", "self_attn.v_proj.weight", heads_in),
-      ("decoder.blocks.attn.w_o_HxExD", "self_attn.o_proj.weight", heads_out),
-      ("decoder.blocks.mlp_norm.scale", "post_attention_layernorm.weight", None),
-      ("decoder.blocks.mlp.w_gate_DxF", "mlp.gate_proj.weight", np.transpose),
-      ("decoder.blocks.mlp.w_up_DxF", "mlp.up_proj.weight", np.transpose),
-      ("decoder.blocks.mlp.w_down_FxD", "mlp.down_proj.weight", np.transpose),
+      ("attn_norm.scale", "input_layernorm.weight", None),
+      ("attn.w_q_DxHxE", "self_attn.q_proj.weight", heads_in),
+      ("attn.w_k_DxKxE", "self_attn.k_proj.weight", heads_in),
+      ("attn.w_v_DxKxE", "self_attn.v_proj.weight", heads_in),
+      ("attn.w_o_HxExD", "self_attn.o_proj.weight", heads_out),
+      ("mlp_norm.scale", "post_attention_layernorm.weight", None),
+      ("mlp.w_gate_DxF", "mlp.gate_proj.weight", np.transpose),
+      ("mlp.w_up_DxF", "mlp.up_proj.weight", np.transpose),
+      ("mlp.w_down_FxD", "mlp.down_proj.weight", np.transpose),
   ]
   if qk_norm:
-    rows += [("decoder.blocks.attn.q_norm.scale", "self_attn.q_norm.weight", None),
-             ("decoder.blocks.attn.k_norm.scale", "self_attn.k_norm.weight", None)]
+    rows += [("attn.q_norm.scale", "self_attn.q_norm.weight", None),
+             ("attn.k_norm.scale", "self_attn.k_norm.weight", None)]
   return rows
+
+
+def _moe_layer_map(qk_norm: bool, num_experts: int):
+  """(our name within the block, HF per-layer name, fn, expert) of an MoE block: the expert
+  rows read ours[layer index][expert], the others ours[layer index] (expert None)."""
+  rows = [(ours, theirs, fn, None) for ours, theirs, fn in _layer_map(qk_norm)
+          if not ours.startswith("mlp.")]
+  rows.append(("mlp.w_router_DxX", "mlp.gate.weight", np.transpose, None))
+  for e in range(num_experts):
+    rows += [("mlp.w_gate_XxDxF", f"mlp.experts.{e}.gate_proj.weight", np.transpose, e),
+             ("mlp.w_up_XxDxF", f"mlp.experts.{e}.up_proj.weight", np.transpose, e),
+             ("mlp.w_down_XxFxD", f"mlp.experts.{e}.down_proj.weight", np.transpose, e)]
+  return rows
+
+
+def _layer_source(model_cfg, i: int):
+  """(stacked-name prefix, index into the stack, is MoE) of decoder layer i (models/decoder.py's
+  layout; nmm_torch's NMMTorch._layer reads it the same way)."""
+  moe = model_cfg.moe
+  if not moe.num_experts:
+    return "decoder.blocks.", (i,), False
+  first, every = moe.first_dense_layers, moe.every
+  if i < first:
+    return "decoder.dense_blocks.", (i,), False
+  if every == 1:
+    return "decoder.blocks.", (i - first,), True
+  group, j = divmod(i - first, every)
+  if j == every - 1:
+    return "decoder.blocks.moe_block.", (group,), True
+  return "decoder.blocks.dense.", (group, j), False
 
 
 def export_tensors(flat: dict, model_cfg) -> list:
@@ -92,22 +166,27 @@ def export_tensors(flat: dict, model_cfg) -> list:
   family(model_cfg)
   tensors = []
 
-  def add(name, source, fn=None, index=None):
+  def add(name, source, fn=None, index=()):
     array = flat[source]
-    layer_shape = array.shape[1:] if index is not None else array.shape
+    layer_shape = array.shape[len(index):]
     # The shape after `fn`, traced abstractly (nothing allocated).
     abstract = jax.ShapeDtypeStruct(layer_shape, np.float32)
     shape = jax.eval_shape(lambda w: fn(w), abstract).shape if fn else layer_shape
 
     def make():
-      a = np.asarray(flat[source][index] if index is not None else flat[source])
+      # Index first, then copy: one layer's (one expert's) slice, not the whole stack.
+      a = np.asarray(flat[source][index] if index else flat[source])
       return fn(a) if fn else a
     tensors.append(Tensor(name, tuple(shape), np.dtype(array.dtype), make))
 
   add("model.embed_tokens.weight", "embed_VxD")
   for i in range(model_cfg.num_layers):
-    for ours, theirs, fn in _layer_map(model_cfg.qk_norm):
-      add(f"model.layers.{i}.{theirs}", ours, fn, index=i)
+    prefix, index, is_moe = _layer_source(model_cfg, i)
+    rows = (_moe_layer_map(model_cfg.qk_norm, model_cfg.moe.num_experts) if is_moe else
+            [(ours, theirs, fn, None) for ours, theirs, fn in _layer_map(model_cfg.qk_norm)])
+    for ours, theirs, fn, expert in rows:
+      add(f"model.layers.{i}.{theirs}", prefix + ours, fn,
+          index=index if expert is None else index + (expert,))
   add("model.norm.weight", "final_norm.scale")
   if not model_cfg.tie_embeddings:
     add("lm_head.weight", "head_DxV", np.transpose)
@@ -136,6 +215,9 @@ def read_config(folder: str) -> dict:
     raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
   with open(config_path) as f:
     hf = json.load(f)
+  if hf.get("model_type") == "qwen3_moe":
+    raise ExportError(f"{config_path}: model_type 'qwen3_moe': importing MoE checkpoints is not "
+                      f"supported; import takes dense qwen3 and llama folders")
   if hf.get("model_type") not in ("qwen3", "llama"):
     raise ExportError(f"{config_path}: model_type {hf.get('model_type')!r} "
                       f"({hf.get('architectures')}) is not one whose block is ours; qwen3 and "
@@ -216,7 +298,7 @@ def import_folder(folder: str):
           "final_norm.scale": take("model.norm.weight")}
   for ours, theirs, _ in _layer_map(qk_norm):
     fn = inverse.get(theirs, lambda w: w)
-    flat[ours] = np.stack([fn(take(f"model.layers.{i}.{theirs}"))
+    flat["decoder.blocks." + ours] = np.stack([fn(take(f"model.layers.{i}.{theirs}"))
                            for i in range(overrides["num_layers"])])
   if not overrides["tie_embeddings"]:
     flat["head_DxV"] = take("lm_head.weight").T

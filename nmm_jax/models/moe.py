@@ -79,6 +79,7 @@ class MoEMLP(nnx.Module):
     self.routing, self.capacity_factor = moe.routing, moe.capacity_factor
     self.normalize_topk = moe.normalize_topk
     self.grouped_matmul, self.exchange = moe.grouped_matmul, moe.exchange
+    self.exchange_capacity = moe.exchange_capacity
     self.w_router_DxX = make_param(rngs, fan_in_init(), (d_model, x), ("embed", None),
                                    param_dtype)
     self.w_gate_XxDxF = make_param(rngs, _expert_init(),
@@ -126,7 +127,8 @@ class MoEMLP(nnx.Module):
                                               self.w_down_XxFxD)]
     exchange = functools.partial(expert_exchange, num_experts=self.num_experts,
                                  capacity_factor=self.capacity_factor,
-                                 grouped_matmul=self.grouped_matmul, exchange=self.exchange)
+                                 grouped_matmul=self.grouped_matmul, exchange=self.exchange,
+                                 exchange_capacity=self.exchange_capacity)
     mesh = jax.sharding.get_abstract_mesh()
     batch_axes = sharding.batch_axes(sharding.traced_rules())
     if mesh.empty or not set(batch_axes + (EXPERT_AXIS, TENSOR_AXIS)) <= set(mesh.axis_names):
@@ -181,14 +183,15 @@ class MoEMLP(nnx.Module):
 
 def expert_exchange(x_BxLxD, expert_BxLxK, weights_BxLxK, w_gate_XxDxF, w_up_XxDxF,
                     w_down_XxFxD, *, num_experts, capacity_factor, grouped_matmul="ragged_dot",
-                    exchange="all_to_all", expert_axis=None, tensor_axis=None):
+                    exchange="all_to_all", exchange_capacity=0.0, expert_axis=None,
+                    tensor_axis=None):
   """One device's part of the MoE MLP: (y [B, L, D], kept [B, L, K]).
 
   Its tokens, their global expert ids and weights; the weights of its local experts (all of
   them without an expert axis). `grouped_matmul` (dropless): "ragged_dot", "megablox" or
-  "auto"; `exchange` (dropless, with an expert axis): "all_to_all", "ragged" or "auto" (see
-  the module docstring). `expert_axis`/`tensor_axis`: the mesh axes to exchange over (None:
-  not split)."""
+  "auto"; `exchange` (dropless, with an expert axis): "all_to_all", "ragged" or "auto", and
+  `exchange_capacity` its receive buffer (see the module docstring). `expert_axis` /
+  `tensor_axis`: the mesh axes to exchange over (None: not split)."""
   b, l, d = x_BxLxD.shape
   k = expert_BxLxK.shape[-1]
   local_experts = w_gate_XxDxF.shape[0]
@@ -201,23 +204,25 @@ def expert_exchange(x_BxLxD, expert_BxLxK, weights_BxLxK, w_gate_XxDxF, w_up_XxD
                                                                    / num_experts),
                                         num_experts=num_experts, expert_axis=expert_axis)
   else:
-    keep_A = jnp.ones((a,), bool)
     ffn = functools.partial(_grouped_ffn, w_gate_XxDxF=w_gate_XxDxF, w_up_XxDxF=w_up_XxDxF,
                             w_down_XxFxD=w_down_XxFxD, implementation=grouped_matmul)
     h_AxD = x_NxD[jnp.arange(a) // k]
     if not expert_axis:
-      out_AxD = ffn(h_AxD, expert_A)
+      out_AxD, keep_A = ffn(h_AxD, expert_A), jnp.ones((a,), bool)
     else:
+      ep = jax.lax.axis_size(expert_axis)
+      receive_rows = ep * a if not exchange_capacity else min(
+          ep * a, math.ceil(exchange_capacity * a))
       dispatch = functools.partial(_dispatch, h_AxD, expert_A, ffn, local_experts=local_experts,
-                                   expert_axis=expert_axis)
+                                   expert_axis=expert_axis, receive_rows=receive_rows)
       if exchange == "auto":  # ragged_all_to_all where XLA implements it (not XLA:CPU)
-        out_AxD = jax.lax.platform_dependent(
+        out_AxD, keep_A = jax.lax.platform_dependent(
             tpu=functools.partial(dispatch, ragged=True),
             cuda=functools.partial(dispatch, ragged=True),
             rocm=functools.partial(dispatch, ragged=True),
             default=functools.partial(dispatch, ragged=False))
       else:
-        out_AxD = dispatch(ragged=exchange == "ragged")
+        out_AxD, keep_A = dispatch(ragged=exchange == "ragged")
 
   y_NxD = jnp.einsum("nkd,nk->nd", out_AxD.reshape(n, k, d), weights_BxLxK.reshape(n, k)
                      .astype(x_NxD.dtype))
@@ -254,56 +259,54 @@ def _grouped_ffn(h_RxD, id_R, *, w_gate_XxDxF, w_up_XxDxF, w_down_XxFxD, impleme
   return jnp.zeros_like(out_RxD).at[order_R].set(out_RxD)
 
 
-def _dispatch(h_AxD, expert_A, ffn, *, local_experts, expert_axis, ragged):
-  """Expert parallelism, dropless: each assignment sent to the device holding its expert, the
-  experts applied there (`ffn(rows, local ids)`), the outputs sent back. [A, D] outputs.
+def _dispatch(h_AxD, expert_A, ffn, *, local_experts, expert_axis, receive_rows, ragged):
+  """Expert parallelism, dropless up to the receive buffer: each assignment sent to the device
+  holding its expert, the experts applied there (`ffn(rows, local ids)`), the outputs sent
+  back. Returns (outputs [A, D], kept [A]).
 
+  Both forms sort the assignments by expert (so by destination, then local expert) and
+  all-gather the per-expert counts first ([P, E] ints). A receiver takes the sources' runs
+  back to back in source order, up to `receive_rows` rows; a run that would overflow loses its
+  tail (its last experts' rows: dropped, counted, carried by the residual). Every device works
+  the same plan out from the counts (`exchange_plan`), so both forms drop alike.
   ragged=False: fixed [P, A] buffers by destination, one all_to_all each way (every device
-  sends its worst case, P * A rows, and the rows' expert ids). ragged=True: the assignments
-  sorted by expert and sent with ragged_all_to_all, only the real rows; the per-expert counts
-  are all-gathered first ([P, E] ints), which gives every device the offsets
-  (`ragged_offsets`) and the experts of the rows it receives (`received_expert_ids`). The
-  receive buffer keeps the worst-case size P * A (dropless: one device may get every
-  assignment), but only the real rows travel and megablox computes only those."""
+  sends its worst case, P * A rows, and the rows' expert ids): the CPU form. ragged=True: only
+  the kept rows travel, by ragged_all_to_all, into a [receive_rows, D] buffer; the receiver
+  knows each row's expert from the counts, and megablox computes only the filled rows."""
   ep = jax.lax.axis_size(expert_axis)
   a, d = h_AxD.shape
+  plan = exchange_plan(expert_A, local_experts, expert_axis, receive_rows)
   if not ragged:
     dest_A, local_A = expert_A // local_experts, expert_A % local_experts
-    # Slot of each assignment in its destination's buffer; empty slots carry the id
-    # `local_experts`, which sorts after every real expert and joins no group.
-    slot_A = _rank_in_bucket(dest_A, ep)
-    send_PxAxD = jnp.zeros((ep, a, d), h_AxD.dtype).at[dest_A, slot_A].set(h_AxD)
-    send_id_PxA = jnp.full((ep, a), local_experts, jnp.int32).at[dest_A, slot_A].set(local_A)
+    # Dropped assignments point past the buffer; empty slots carry the id `local_experts`,
+    # which sorts after every real expert and joins no group.
+    slot_A = jnp.where(plan.keep_A, plan.rank_A, a)
+    send_PxAxD = jnp.zeros((ep, a, d), h_AxD.dtype).at[dest_A, slot_A].set(h_AxD, mode="drop")
+    send_id_PxA = jnp.full((ep, a), local_experts, jnp.int32).at[dest_A, slot_A].set(
+        local_A, mode="drop")
     exchange = lambda buf: jax.lax.all_to_all(buf, expert_axis, 0, 0)
     out_RxD = ffn(exchange(send_PxAxD).reshape(ep * a, d), exchange(send_id_PxA).reshape(ep * a))
-    return exchange(out_RxD.reshape(ep, a, d))[dest_A, slot_A]
+    out_AxD = exchange(out_RxD.reshape(ep, a, d)).at[dest_A, slot_A].get(mode="fill",
+                                                                         fill_value=0)
+    return out_AxD, plan.keep_A
 
-  # Sorted by global expert, i.e. by destination and, within it, by local expert; what each
-  # device sends to each expert is all-gathered first (counts only): that gives every device
-  # the ragged offsets, and the receiver the expert of every row it gets, so no ids travel.
-  order_A = jnp.argsort(expert_A, stable=True)
-  counts_PxE = jax.lax.all_gather(jnp.bincount(expert_A, length=ep * local_experts)
-                                  .astype(jnp.int32), expert_axis)  # [source, expert]
-  me = jax.lax.axis_index(expert_axis)
-  offsets = ragged_offsets(counts_PxE.reshape(ep, ep, local_experts).sum(-1), me)
+  o = plan.offsets
   h_RxD = jax.lax.ragged_all_to_all(
-      h_AxD[order_A], jnp.zeros((ep * a, d), h_AxD.dtype), offsets.input, offsets.send_sizes,
-      offsets.output, offsets.recv_sizes, axis_name=expert_axis)
-  id_R = received_expert_ids(
-      jax.lax.dynamic_slice_in_dim(counts_PxE, me * local_experts, local_experts, axis=1),
-      ep * a)
-  out_RxD = ffn(h_RxD, id_R)
-  # Back: each source's rows from where they landed here to where they left from there.
+      h_AxD[plan.order_A], jnp.zeros((receive_rows, d), h_AxD.dtype), o.input, o.send_sizes,
+      o.output, o.recv_sizes, axis_name=expert_axis)
+  out_RxD = ffn(h_RxD, received_expert_ids(plan.received_PxX, receive_rows))
+  # Back: each source's rows from where they landed here to where they left from there; the
+  # dropped rows' places stay zero.
   back_AxD = jax.lax.ragged_all_to_all(
-      out_RxD, jnp.zeros((a, d), out_RxD.dtype), offsets.recv_offsets, offsets.recv_sizes,
-      offsets.back_output, offsets.send_sizes, axis_name=expert_axis)
-  return jnp.zeros_like(back_AxD).at[order_A].set(back_AxD)
+      out_RxD, jnp.zeros((a, d), out_RxD.dtype), o.recv_offsets, o.recv_sizes, o.back_output,
+      o.send_sizes, axis_name=expert_axis)
+  return jnp.zeros_like(back_AxD).at[plan.order_A].set(back_AxD), plan.keep_A
 
 
 class RaggedOffsets(NamedTuple):
   """One device's ragged_all_to_all arguments, from every device's per-destination counts."""
-  send_sizes: jax.Array    # [P] rows this device sends to each device
-  input: jax.Array         # [P] where each of those runs starts in its destination-sorted rows
+  send_sizes: jax.Array    # [P] rows this device sends to each device (its kept rows)
+  input: jax.Array         # [P] where each of its runs starts in its destination-sorted rows
   output: jax.Array        # [P] where its run lands in each destination's receive buffer
   recv_sizes: jax.Array    # [P] rows it receives from each device
   recv_offsets: jax.Array  # [P] where each source's run lands in its own receive buffer
@@ -311,15 +314,48 @@ class RaggedOffsets(NamedTuple):
                            # source's `input` for this device)
 
 
-def ragged_offsets(sizes_PxP, me):
-  """RaggedOffsets of device `me` from sizes_PxP[source, destination]. Receive buffers hold
-  the sources' runs back to back in source order."""
-  before_in_row_PxP = jnp.cumsum(sizes_PxP, axis=1) - sizes_PxP   # sender's own offsets
-  before_in_col_PxP = jnp.cumsum(sizes_PxP, axis=0) - sizes_PxP   # receiver's offsets
+def ragged_offsets(sizes_PxP, kept_PxP, me):
+  """RaggedOffsets of device `me` from sizes_PxP[source, destination] (the runs as the senders
+  lay them out) and kept_PxP (the rows of each run the destination takes). Receive buffers
+  hold the kept runs back to back in source order."""
+  sent_before_PxP = jnp.cumsum(sizes_PxP, axis=1) - sizes_PxP    # sender's own offsets
+  landed_before_PxP = jnp.cumsum(kept_PxP, axis=0) - kept_PxP    # receiver's offsets
   return RaggedOffsets(
-      send_sizes=sizes_PxP[me], input=before_in_row_PxP[me], output=before_in_col_PxP[me],
-      recv_sizes=sizes_PxP[:, me], recv_offsets=before_in_col_PxP[:, me],
-      back_output=before_in_row_PxP[:, me])
+      send_sizes=kept_PxP[me], input=sent_before_PxP[me], output=landed_before_PxP[me],
+      recv_sizes=kept_PxP[:, me], recv_offsets=landed_before_PxP[:, me],
+      back_output=sent_before_PxP[:, me])
+
+
+class ExchangePlan(NamedTuple):
+  order_A: jax.Array       # [A] the assignments sorted by expert
+  rank_A: jax.Array        # [A] each one's place in its run to its destination
+  keep_A: jax.Array        # [A] whether its destination has room for it
+  offsets: RaggedOffsets
+  received_PxX: jax.Array  # [P, X] rows received from each source for each local expert
+
+
+def exchange_plan(expert_A, local_experts, expert_axis, receive_rows):
+  """What each device sends where and what fits, from the all-gathered per-expert counts."""
+  ep, a = jax.lax.axis_size(expert_axis), expert_A.shape[0]
+  me = jax.lax.axis_index(expert_axis)
+  order_A = jnp.argsort(expert_A, stable=True)
+  counts_PxE = jax.lax.all_gather(jnp.bincount(expert_A, length=ep * local_experts)
+                                  .astype(jnp.int32), expert_axis)  # [source, expert]
+  sizes_PxP = counts_PxE.reshape(ep, ep, local_experts).sum(-1)
+  before_PxP = jnp.cumsum(sizes_PxP, axis=0) - sizes_PxP  # rows of earlier sources
+  kept_PxP = jnp.clip(receive_rows - before_PxP, 0, sizes_PxP)
+  offsets = ragged_offsets(sizes_PxP, kept_PxP, me)
+  dest_sorted_A = expert_A[order_A] // local_experts
+  rank_sorted_A = jnp.arange(a) - offsets.input[dest_sorted_A]
+  keep_sorted_A = rank_sorted_A < offsets.send_sizes[dest_sorted_A]
+  mine_PxX = jax.lax.dynamic_slice_in_dim(counts_PxE, me * local_experts, local_experts, axis=1)
+  # A truncated run keeps its first experts' rows.
+  earlier_PxX = jnp.cumsum(mine_PxX, axis=1) - mine_PxX
+  received_PxX = jnp.clip(offsets.recv_sizes[:, None] - earlier_PxX, 0, mine_PxX)
+  return ExchangePlan(order_A=order_A,
+                      rank_A=jnp.zeros_like(order_A).at[order_A].set(rank_sorted_A),
+                      keep_A=jnp.zeros((a,), bool).at[order_A].set(keep_sorted_A),
+                      offsets=offsets, received_PxX=received_PxX)
 
 
 def received_expert_ids(counts_PxX, rows):
