@@ -90,8 +90,8 @@ def describe(r) -> str:
     lines.append(f"  {c['kind']:20s} {c['count']:4d} ops {c['executed']:6d} runs "
                  f"{_gib(c['bytes'])}")
     if c["kind"] == "ragged-all-to-all":
-      lines.append("    (receive buffers, sized for the worst case: the rows sent depend on the "
-                   "routing, 1/expert of this when balanced)")
+      lines.append("    (the receive buffers' size: an upper bound, the rows sent depend on the "
+                   "routing)")
   lines.append(f"compile {r['compile_s']:.1f} s, train.xla_flags={r.get('xla_flags', 'auto')}")
   return "\n".join(lines)
 

@@ -4,7 +4,8 @@ the expert's tokens that are image tokens (the per-layer specialisation figure o
   python -m nmm_jax.train.router_plot --workdir=runs/moe [--step=N] --out=router.png
   nmm-router-plot --workdir=runs/moe --out=router.png
 
-Uses the router statistics each logged step carries (`moe/layer<l>/{image,text}_share/e<j>`);
+Uses the router statistics each logged step carries (`moe/layer<l>/{image,text}_share/e<j>`,
+l counting the MoE layers only: with moe.every or first_dense_layers they are not every layer);
 --step picks a logged step (default: the last), --last averages over that many logged steps.
 """
 import json
@@ -55,7 +56,7 @@ def plot(fraction_LxX: np.ndarray, overall_image: float, path: str, title: str):
                                 gridspec_kw={"width_ratios": [max(experts, 2), 3]})
   im = ax.imshow(fraction_LxX, vmin=0, vmax=1, cmap="coolwarm", aspect="auto")
   ax.set_xlabel("expert")
-  ax.set_ylabel("decoder layer")
+  ax.set_ylabel("MoE layer")
   ax.set_xticks(range(experts))
   ax.set_yticks(range(layers))
   ax.set_title("image share of each expert's tokens")
@@ -64,7 +65,7 @@ def plot(fraction_LxX: np.ndarray, overall_image: float, path: str, title: str):
   ax2.plot(specialisation, range(layers), "o-")
   ax2.set_yticks(range(layers))
   ax2.set_ylim(layers - 0.5, -0.5)
-  ax2.set_ylabel("decoder layer")
+  ax2.set_ylabel("MoE layer")
   ax2.set_xlabel("mean |image share - overall|")
   ax2.set_title("specialisation per layer")
   ax2.grid(True, alpha=0.3)
