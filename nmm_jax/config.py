@@ -178,7 +178,9 @@ def base_config() -> ml_collections.ConfigDict:
       max_new_tokens=12,
       show_captions=4,        # captions printed beside the truth when the run ends
   )
-  c.checkpoint = dict(every_steps=100, keep=3, async_save=True)
+  # restore_step: resume from this step's checkpoint rather than the newest readable one (0:
+  # the newest; an unreadable latest one is moved aside to checkpoints/unreadable-<step>).
+  c.checkpoint = dict(every_steps=100, keep=3, async_save=True, restore_step=0)
   return c
 
 
@@ -450,6 +452,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
              f"must be an integer >= 0, got {c.eval[key]!r}")
   _positive_int(c, "checkpoint.every_steps")
   _positive_int(c, "checkpoint.keep")
+  _require(isinstance(c.checkpoint.restore_step, int) and c.checkpoint.restore_step >= 0,
+           "checkpoint.restore_step",
+           f"must be a step number (0: the newest readable), got {c.checkpoint.restore_step!r}")
 
   for rule in c.sharding_rules:
     _require(len(rule) == 2 and isinstance(rule[0], str), "sharding_rules",

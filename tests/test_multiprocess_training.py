@@ -1,9 +1,11 @@
 """Multi-process training with real processes on localhost (jax.distributed, gloo on CPU).
 
 One 1-process run (8 devices) is the reference. A 2-process run (4 devices each) of the same
-config is stopped by SIGTERM, resumed by the same command and stopped again, then finished by a
-1-process run on another mesh: every step's loss equals the reference's, and the processes
-agree on the step they stop at. A process that dies makes the other one exit with an error.
+config is stopped by SIGTERM, resumed by the same command and stopped again; its checkpoint is
+damaged, and the next 2-process start falls back to the one before (both processes agree);
+then a 1-process run on another mesh finishes: every step's loss equals the reference's, and
+the processes agree on the step they stop at. A process that dies makes the other one exit
+with an error.
 """
 import json
 import os
@@ -92,6 +94,19 @@ def test_two_processes_stop_resume_and_finish_on_another_mesh(reference, shapes_
                     first_stop + 2) == [0, 0]
   second_stop = checkpoints(workdir)[-1]
   assert first_stop < second_stop < STEPS
+  # Its checkpoint is damaged (a state file cut short): both processes find it unreadable, agree
+  # to fall back to the first stop's, and move the bad one aside; stopped again.
+  state = os.path.join(workdir, "checkpoints", str(second_stop), "state")
+  files = [os.path.join(d, f) for d, _, names in os.walk(state) for f in names]
+  victim = max(files, key=os.path.getsize)
+  os.truncate(victim, os.path.getsize(victim) // 2)
+  procs = start(workdir, shapes_data_dir, 2, tag="b2")
+  deadline = time.time() + 300  # (the old records after first_stop are there until it starts)
+  while "checkpoint/unreadable_steps" not in logged(workdir).get(first_stop + 1, {}):
+    assert time.time() < deadline and all(p.poll() is None for p in procs), "run ended early"
+    time.sleep(0.05)
+  assert stop_after(procs, workdir, first_stop + 1) == [0, 0]
+  assert f"unreadable-{second_stop}" in os.listdir(os.path.join(workdir, "checkpoints"))
   # One process with 8 devices on an fsdp=2 mesh restores the 2-process checkpoint (state
   # resharded, both data streams' states read) and finishes.
   assert finish(start(workdir, shapes_data_dir, 1, "--config.mesh.fsdp=2", tag="c")) == [0]
@@ -102,7 +117,7 @@ def test_two_processes_stop_resume_and_finish_on_another_mesh(reference, shapes_
     assert got[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-4), step
   assert got[STEPS]["eval/loss"] == pytest.approx(reference[STEPS]["eval/loss"], rel=1e-4)
   # Metrics come from process 0 only: one event file per invocation, not one per process.
-  assert len(os.listdir(os.path.join(workdir, "tb"))) == 3
+  assert len(os.listdir(os.path.join(workdir, "tb"))) == 4
 
 
 def test_a_dead_process_stops_the_others_with_an_error(shapes_data_dir, tmp_path):

@@ -9,6 +9,7 @@ the latest checkpoint, data-iterator position included.
 import functools
 import os
 import signal
+import time
 
 import jax
 from absl import logging
@@ -125,16 +126,14 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
   program = program_lib.build(config, mesh, len(source_names))
   checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep,
                               async_save=config.checkpoint.async_save)
-  start_step = checkpointer.latest_step() or 0
-  if start_step:
-    config_lib.check_resumable(checkpointer.saved_config(start_step), config)
   # Checkpoints save (and restore) the wrapper's state: the position of the next batch a step
   # consumes, not of the batches already placed ahead of it.
   data_iter = DevicePrefetch(
       iter(pipeline.make_dataset(config, directory, "train", seed=config.train.seed)),
       functools.partial(sharding.place_batch, shardings=program.batch_shardings),
       depth=config.train.device_prefetch)
-  state = _initial_state(config, workdir, program, checkpointer, start_step, data_iter)
+  start_step, state, unreadable = _initial_state(config, workdir, program, checkpointer,
+                                                 data_iter)
   evaluators = training_evaluators(config, directory, tokenizer, mesh)
   window = StepWindow(config, len(devices))
   writer = MetricsWriter(workdir, resume_step=start_step)
@@ -157,6 +156,8 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
       eval_now = step % config.eval.every_steps == 0 or step == config.train.steps
       if eval_now or step % config.train.log_every == 0:
         record = step_record(jax.device_get(metrics), skipped, source_names, window, step)
+        if unreadable:  # once: the checkpoints this start moved aside
+          record["checkpoint/unreadable_steps"], unreadable = len(unreadable), []
         if eval_now:
           record.update(held_out_loss(program.eval_step, state["params"], config, directory,
                                       program.batch_shardings, source_names))
@@ -199,16 +200,25 @@ def _checked_tokenizer(config, directory):
   return tokenizer
 
 
-def _initial_state(config, workdir, program, checkpointer, start_step, data_iter):
-  """The checkpoint at `start_step` (data iterator restored too) or, at 0, fresh parameters,
-  with the text decoder from train.init_from_hf when it is set."""
-  if start_step:
-    state = checkpointer.restore(start_step, program.abstract_state(), data_iter, config)
-    logging.warning("Resumed from the checkpoint at step %d in %s", start_step, workdir)
-    return state
+def _initial_state(config, workdir, program, checkpointer, data_iter):
+  """(step, state, unreadable steps moved aside): the newest readable checkpoint (data iterator
+  restored too) or, with none, fresh parameters at step 0, with the text decoder from
+  train.init_from_hf when it is set."""
+  t0 = time.perf_counter()
+  step, state, unreadable = checkpointer.restore_newest_readable(
+      program.abstract_state(), data_iter, config,
+      check_saved=lambda saved: config_lib.check_resumable(saved, config))
+  if unreadable:
+    logging.error("%d unreadable checkpoint(s) (steps %s) moved aside in %.1f s; %s",
+                  len(unreadable), unreadable, time.perf_counter() - t0,
+                  f"resuming from step {step}" if step else "no readable checkpoint is left: "
+                  "starting from step 0")
+  if step:
+    logging.warning("Resumed from the checkpoint at step %d in %s", step, workdir)
+    return step, state, unreadable
   state = program.create_state(config)
   if config.train.init_from_hf:
     _, decoder = hf.import_folder(config.train.init_from_hf)
     state = state_lib.set_params(state, decoder, program.state_shardings)
     logging.warning("Text decoder initialised from %s", config.train.init_from_hf)
-  return state
+  return 0, state, unreadable
