@@ -34,7 +34,13 @@ class UnreadableCheckpoint(RuntimeError):
 
 
 def one_line(error: BaseException) -> str:
-  """'ErrorType: the first line of its message' (Orbax and TensorStore errors run long)."""
+  """'ErrorType: the first line of its message' of the innermost error of the chain: Orbax
+  wraps the TensorStore or OS error that says what is wrong (OUT_OF_RANGE reading a file, no
+  space left), and both run long."""
+  seen = {id(error)}
+  while (inner := error.__cause__ or error.__context__) is not None and id(inner) not in seen:
+    error = inner
+    seen.add(id(error))
   text = str(error).strip().splitlines()
   return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
