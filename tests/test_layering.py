@@ -11,6 +11,7 @@ BASE_LAYERS = 1  # layers every command may import (config, the mesh vocabulary,
 COMMANDS_BEYOND_THEIR_PACKAGE = {
     "bench": "nmm-bench times the train program on synthetic batches",
     "data.cli.bench": "nmm-data bench runs the training loop to measure its data wait",
+    "checkpoint_cli": "nmm-checkpoints verify reads a run's checkpoints through checkpoint.py",
 }
 PACKAGE = ROOT / "nmm_jax"
 
