@@ -4,7 +4,7 @@ Two implementations of the same product, chosen by the platform the step is lowe
 
 - "ragged_dot": `jax.lax.ragged_dot`, XLA's own grouped matmul: XLA lowers it on GPU and CPU
   (and TPU), so it is the default off TPU and the reference the kernel is tested against. Rows
-  past sum(group_sizes) come out as zeros (tested on the CPU).
+  past sum(group_sizes) are zeroed here, whatever the backend's lowering leaves there.
 - "megablox": the Pallas TPU (Mosaic) kernel `jax.experimental.pallas.ops.tpu.megablox.gmm`,
   with its custom VJP (gmm for d lhs, tgmm for d rhs). It walks only the m tiles that hold a
   group's rows, so empty experts and the unused tail of a worst-case-sized receive buffer (expert
@@ -100,6 +100,10 @@ def grouped_matmul(lhs_RxD: jax.Array, rhs_XxDxF: jax.Array, group_sizes_X: jax.
   if implementation == "ragged_dot":
     out_RxF = jax.lax.ragged_dot(lhs_RxD, rhs_XxDxF, group_sizes_X,
                                  preferred_element_type=jnp.float32)
+    # XLA:CPU leaves rows outside every group at zero; the contract does not rest on each
+    # backend's lowering doing the same.
+    valid_R = jnp.arange(lhs_RxD.shape[0]) < jnp.sum(group_sizes_X)
+    out_RxF = jnp.where(valid_R[:, None], out_RxF, 0.0)
   else:
     out_RxF = _megablox(lhs_RxD, rhs_XxDxF, group_sizes_X, interpret)
   return out_RxF.astype(lhs_RxD.dtype)

@@ -253,9 +253,7 @@ def _grouped_ffn(h_RxD, id_R, *, w_gate_XxDxF, w_up_XxDxF, w_down_XxFxD, impleme
                if implementation == "megablox" else functools.partial(matmuls, "ragged_dot"))
     out_RxD = jax.lax.platform_dependent(tpu=functools.partial(matmuls, "megablox"),
                                          default=off_tpu)
-  # Empty slots sort last, past the groups: zero them here rather than trust every backend's
-  # ragged_dot to leave rows outside all groups at zero.
-  out_RxD = jnp.where((id_R[order_R] < local_experts)[:, None], out_RxD, 0)
+  # Empty slots sort last, past the groups: grouped_matmul gives them zeros.
   return jnp.zeros_like(out_RxD).at[order_R].set(out_RxD)
 
 
