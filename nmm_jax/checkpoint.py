@@ -11,7 +11,6 @@ costs one checkpoint interval: `restore_newest_readable` moves an unreadable ste
 process agrees on each step's verdict. A failed save raises CheckpointSaveError naming the step
 and the reason; the steps committed before it stay as they were.
 """
-import os
 
 import jax
 import numpy as np
@@ -19,6 +18,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from nmm_jax import storage
 from nmm_jax.data import streams
 
 UNREADABLE_PREFIX = "unreadable-"
@@ -57,9 +57,7 @@ class Checkpointer:
   """Saves when asked: the caller owns the policy (every N steps, last step, on SIGTERM)."""
 
   def __init__(self, workdir: str, *, keep: int, async_save: bool):
-    self.directory = epath.Path(workdir) / "checkpoints"
-    if "://" not in str(workdir):
-      self.directory = epath.Path(os.path.abspath(workdir)) / "checkpoints"
+    self.directory = storage.path(workdir) / "checkpoints"
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep,

@@ -118,7 +118,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding_rules = DEFAULT_SHARDING_RULES
 
   c.data = dict(
-      dir="",                 # empty: generate the embedded shapes data under WORKDIR/data
+      # A folder (or gs://... / s3://... folder, copied to cache_dir first: nmm_jax/storage.py);
+      # empty: generate the embedded shapes data under WORKDIR/data (under cache_dir when the
+      # workdir is in a bucket).
+      dir="",
+      cache_dir="",           # local copies of bucket data; empty: $XDG_CACHE_HOME or ~/.cache
       seq_len=256,
       image_size=32,
       max_images=10,          # images per packed sequence
@@ -129,7 +133,8 @@ def base_config() -> ml_collections.ConfigDict:
       prefetch=2,             # batches prepared ahead in a background thread; 0: none
       streams=0,              # independent pipelines making the global batch (data/streams.py);
                               # 0: one per process. Fix it to resume under another process count.
-      tokenizer="",           # a .model (SentencePiece) or tokenizer.json; empty: the one in dir
+      tokenizer="",           # a .model (SentencePiece) or tokenizer.json, local or in a
+                              # bucket; empty: the one in dir
       # Train-time image augmentation (eval: centre crop). The paper's setting.
       augment=dict(crop_scale=(0.4, 1.0), flip_prob=0.5),
       synthetic=dict(train_docs=6000, eval_docs=300, seed=1234),

@@ -57,6 +57,8 @@ def test_the_pipeline_trains_on_written_shards(digits_dir):
 def test_bad_flags_fail_with_one_clear_line(tmp_path):
   out = nmm_data("write", "--from=captions", f"--out={tmp_path}", check=False)
   assert out.returncode != 0 and "--from=captions needs --captions" in out.stderr
+  out = nmm_data("write", "--from=sklearn-digits", "--out=gs://bucket/data", check=False)
+  assert out.returncode != 0 and "writes a local folder; copy it to the bucket" in out.stderr
   out = nmm_data("inspect", str(tmp_path / "nowhere"), check=False)
   assert out.returncode != 0 and "no such file or folder" in out.stderr
   assert "Traceback" not in out.stderr

@@ -6,8 +6,10 @@ A data folder is  DIR/<source>/{train,eval}-*.array_record  with a tokenizer fil
 import glob
 import os
 
+import jax
 import numpy as np
 
+from nmm_jax import storage
 from nmm_jax.data import tokenizer as tokenizer_lib
 from nmm_jax.data import writer
 from nmm_jax.data.records import decode_document
@@ -91,15 +93,29 @@ def find_tokenizer(shard_paths: list) -> str:
 
 
 def run_data_folder(config, workdir: str) -> str:
-  """Where a run's shards are: data.dir, or WORKDIR/data (the embedded shapes data). Reads
-  nothing: the folder may not exist yet (see `ensure_data_dir`)."""
-  return config.data.dir or os.path.join(workdir, "data")
+  """Where a run reads its shards: data.dir (its local copy when it is in a bucket), or
+  WORKDIR/data, the embedded shapes data (in the local cache when the workdir is in a bucket).
+  Reads nothing: the folder may not exist yet (see `ensure_data_dir`)."""
+  if config.data.dir:
+    if storage.is_remote(config.data.dir):
+      return storage.copy_location(config.data.dir, config.data.cache_dir)
+    return config.data.dir
+  if storage.is_remote(workdir):
+    s = config.data.synthetic
+    return os.path.join(config.data.cache_dir or storage.default_cache_dir(), "embedded",
+                        f"docs{s.train_docs}-{s.eval_docs}-size{config.data.image_size}"
+                        f"-seed{s.seed}")
+  return os.path.join(workdir, "data")
 
 
 def ensure_data_dir(config, workdir: str) -> str:
-  """The shard folder: data.dir (which must exist), or the embedded shapes data under
-  WORKDIR/data, built there first when it is not complete yet."""
+  """The local shard folder: data.dir (which must exist; copied to data.cache_dir first when it
+  is in a bucket), or the embedded shapes data (`run_data_folder`), built first when it is not
+  complete yet."""
   if config.data.dir:
+    if storage.is_remote(config.data.dir):
+      return storage.local_copy(config.data.dir, config.data.cache_dir,
+                                progress=jax.process_index() == 0)
     if not os.path.isdir(config.data.dir):
       raise FileNotFoundError(f"config.data.dir={config.data.dir!r} is not a folder")
     return config.data.dir
@@ -111,8 +127,11 @@ def ensure_data_dir(config, workdir: str) -> str:
 
 
 def tokenizer_path(config, directory: str) -> str:
-  """data.tokenizer, or the tokenizer file beside the shards."""
+  """data.tokenizer (a local copy when it is in a bucket), or the tokenizer file beside the
+  shards."""
   if config.data.tokenizer:
+    if storage.is_remote(config.data.tokenizer):
+      return storage.local_copy(config.data.tokenizer, config.data.cache_dir, progress=False)
     return config.data.tokenizer
   found = tokenizer_in(directory)
   if found:

@@ -7,7 +7,6 @@ Multi-process: add --coordinator_address=HOST:PORT --num_processes=N --process_i
 process; on GPUs also --local_device_ids), or nothing on a TPU pod slice or under SLURM, where
 the job is found from the environment (nmm_jax/distributed.py, launch/).
 """
-import os
 import sys
 
 from absl import app, flags, logging
@@ -36,9 +35,10 @@ def main(argv):
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          [int(i) for i in _LOCAL_DEVICES.value] if _LOCAL_DEVICES.value else None,
                          _TIMEOUT.value)
+  from nmm_jax import storage
   from nmm_jax.config import ConfigError
   from nmm_jax.train.loop import train_and_evaluate
-  os.makedirs(_WORKDIR.value, exist_ok=True)
+  storage.path(_WORKDIR.value).mkdir(parents=True, exist_ok=True)
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except ConfigError as e:

@@ -8,7 +8,9 @@ the latest checkpoint, data-iterator position included.
 """
 import functools
 import os
+import shutil
 import signal
+import tempfile
 import time
 
 import jax
@@ -17,7 +19,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from nmm_jax import config as config_lib
-from nmm_jax import sharding
+from nmm_jax import sharding, storage
 from nmm_jax.checkpoint import Checkpointer
 from nmm_jax.data import pipeline, shards
 from nmm_jax.eval.training import training_evaluators
@@ -59,7 +61,8 @@ class _StopRequest:
 
 
 class _StepProfiler:
-  """A jax.profiler trace of steps first..last (train.profile_steps) into `directory`."""
+  """A jax.profiler trace of steps first..last (train.profile_steps) into `directory`. A bucket
+  folder gets the trace after it is written: the profiler writes local files only."""
 
   def __init__(self, steps, directory: str):
     self.first, self.last = tuple(steps) or (0, -1)
@@ -67,7 +70,9 @@ class _StepProfiler:
 
   def before(self, step: int):
     if step == self.first:
-      jax.profiler.start_trace(self.directory)
+      self.local = tempfile.mkdtemp(prefix="nmm-profile-") if storage.is_remote(
+          self.directory) else self.directory
+      jax.profiler.start_trace(self.local)
       self.running = True
 
   def after(self, step: int, metrics):
@@ -79,6 +84,9 @@ class _StepProfiler:
     if self.running:
       jax.profiler.stop_trace()
       self.running = False
+      if self.local != self.directory:
+        storage.upload(self.local, self.directory)
+        shutil.rmtree(self.local, ignore_errors=True)
 
 
 def held_out_loss(eval_step, params, config, directory, batch_sh, source_names) -> dict:
@@ -114,8 +122,10 @@ def use_compilation_cache(config, workdir: str):
   """Points JAX's persistent compilation cache at train.compilation_cache (see config.py)."""
   if jax.config.jax_compilation_cache_dir or not config.train.compilation_cache:
     return
-  jax.config.update("jax_compilation_cache_dir",
-                    os.path.join(workdir, config.train.compilation_cache))
+  cache = config.train.compilation_cache
+  if not (os.path.isabs(cache) or storage.is_remote(cache)):
+    cache = storage.join(workdir, cache)
+  jax.config.update("jax_compilation_cache_dir", cache)
 
 
 def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
@@ -141,7 +151,7 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
   progress = tqdm(total=config.train.steps, initial=start_step, disable=not is_main,
                   desc="train", unit="step", dynamic_ncols=True)
   step = last_saved = start_step
-  profiler = _StepProfiler(config.train.profile_steps, os.path.join(workdir, "profile"))
+  profiler = _StepProfiler(config.train.profile_steps, storage.join(workdir, "profile"))
   try:
     while step < config.train.steps and not stop.requested:
       profiler.before(step + 1)
@@ -169,12 +179,14 @@ def _train(config, workdir, devices, mesh_shape, stop) -> list[dict]:
         if is_main:
           progress.write(format_record(step, record))
       if step % config.checkpoint.every_steps == 0 or step == config.train.steps:
+        writer.flush()  # the records of the steps this checkpoint holds are never lost
         checkpointer.save(step, state, data_iter, config)
         last_saved = step
       if stop.at(step):
         break
     if stop.requested:
       if step > last_saved:
+        writer.flush()
         checkpointer.save(step, state, data_iter, config)
       logging.warning("SIGTERM: checkpoint at step %d saved, stopping", step)
     elif is_main and step == config.train.steps:

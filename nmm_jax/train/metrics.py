@@ -2,13 +2,14 @@
 and the writer to DIR/metrics.jsonl and TensorBoard (DIR/tb/); only process 0 writes."""
 import contextlib
 import json
-import os
+import shutil
+import tempfile
 import time
 
 import jax
 import numpy as np
 
-from nmm_jax import hardware
+from nmm_jax import hardware, storage
 from nmm_jax.data.stages import sum_over_processes
 from nmm_jax.scaling import flops
 from nmm_jax.train.loss import losses_from_sums
@@ -82,39 +83,62 @@ def format_record(step: int, record: dict) -> str:
 
 
 class MetricsWriter:
-  def __init__(self, workdir: str, *, resume_step: int = 0):
+  """DIR/metrics.jsonl and TensorBoard events in DIR/tb/, DIR local or in a bucket. In a bucket
+  both are written to the bucket every `flush_secs` and on `flush` (storage.py)."""
+
+  def __init__(self, workdir: str, *, resume_step: int = 0, flush_secs: float = 30.0):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
     from tensorboardX import SummaryWriter  # imported here: other processes never need it
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.log = storage.LineLog(storage.join(workdir, "metrics.jsonl"))
     self._drop_steps_after(resume_step)
-    self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+    # In a bucket the event file is written locally and uploaded whole on each flush:
+    # tensorboardX's own gs:// writer uploads again from __del__, after the run has ended.
+    self.tb_dir = storage.join(workdir, "tb")
+    self.tb_local = (tempfile.mkdtemp(prefix="nmm-tb-") if storage.is_remote(workdir)
+                     else self.tb_dir)
+    self.tb = SummaryWriter(self.tb_local, flush_secs=flush_secs)
+    self.flush_secs, self._flushed = flush_secs, time.monotonic()
 
   def _drop_steps_after(self, step: int):
     """A resumed run recomputes the steps after its checkpoint: drop their old records so the file
     holds one record per step, from the run that the checkpoints continue."""
-    if not os.path.exists(self.path):
-      return
-    with open(self.path) as f:
-      kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, self.path)
+    lines = self.log.read_lines()
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) < len(lines):
+      self.log.rewrite(kept)
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
       return
     record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    self.log.append(json.dumps(record) + "\n")
     for key, value in metrics.items():
       self.tb.add_scalar(key, float(value), int(step))
+    if self.log.remote and time.monotonic() - self._flushed >= self.flush_secs:
+      self.flush()
+
+  def flush(self):
+    """Everything written so far is in the workdir (called before each checkpoint save)."""
+    if not self.enabled:
+      return
+    self.log.flush()
+    self.tb.flush()
+    self._upload_events()
+    self._flushed = time.monotonic()
+
+  def _upload_events(self):
+    if self.tb_local != self.tb_dir:
+      storage.upload(self.tb_local, self.tb_dir)
 
   def close(self):
     if self.enabled:
+      self.log.flush()
       self.tb.close()
+      self._upload_events()
+      if self.tb_local != self.tb_dir:
+        shutil.rmtree(self.tb_local, ignore_errors=True)
 
 
 def router_metrics(stats) -> dict:

@@ -8,14 +8,16 @@ Uses the router statistics each logged step carries (`moe/layer<l>/{image,text}_
 l counting the MoE layers only: with moe.every or first_dense_layers they are not every layer);
 --step picks a logged step (default: the last), --last averages over that many logged steps.
 """
-import json
 import os
 import re
 
 import numpy as np
 from absl import app, flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training run folder (metrics.jsonl).")
+from nmm_jax import storage
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training run folder (metrics.jsonl), local "
+                                    "or gs://...")
 _OUT = flags.DEFINE_string("out", None, "PNG to write.")
 _STEP = flags.DEFINE_integer("step", None, "Logged step to plot (default: the last).")
 _LAST = flags.DEFINE_integer("last", 1, "Average over this many logged steps up to --step.")
@@ -77,11 +79,10 @@ def plot(fraction_LxX: np.ndarray, overall_image: float, path: str, title: str):
 
 def main(argv):
   del argv
-  path = os.path.join(_WORKDIR.value, "metrics.jsonl")
-  if not os.path.isfile(path):
+  path = storage.join(_WORKDIR.value, "metrics.jsonl")  # local or in a bucket
+  if not storage.path(path).exists():
     raise SystemExit(f"{path} does not exist")
-  with open(path) as f:
-    records = [r for r in map(json.loads, f) if "moe/image_assignments" in r]
+  records = [r for r in storage.read_jsonl(path) if "moe/image_assignments" in r]
   if not records:
     raise SystemExit(f"{path} has no router statistics (is this an MoE run?)")
   if _STEP.value is not None:

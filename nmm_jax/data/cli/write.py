@@ -73,6 +73,10 @@ def main(argv):
   if shards and fmt != "webdataset":
     raise flags.ValidationError(f"unexpected arguments {shards} (only --from=webdataset takes "
                                 "shard paths)")
+  if "://" in FLAGS.out:
+    raise flags.ValidationError(f"--out={FLAGS.out}: nmm-data write writes a local folder; "
+                                "copy it to the bucket afterwards (gcloud storage cp -r DIR "
+                                f"{FLAGS.out}) and train with --config.data.dir={FLAGS.out}")
   options = _importer_options(fmt, shards)
   source = FLAGS.source or DEFAULT_SOURCE.get(fmt) or FLAGS.tfds_name.split("/")[0]
   importer = make_importer(fmt, **options)
