@@ -210,10 +210,10 @@ def test_bad_moe_configs_are_refused(overrides, key):
 
 
 def test_moe_trains_and_expert_sharding_keeps_the_loss(shapes_data_dir, tmp_path):
-  """8 experts top-1, 5 steps: the loss falls, and expert parallelism (mesh.expert=4, and
-  expert=2 with fsdp=2 and tensor=2) gives the losses of mesh.expert=1 (f32, relative < 1e-4)."""
-  meshes = {"e1": {}, "e4": {"mesh.expert": 4},
-            "e2f2t2": {"mesh.expert": 2, "mesh.fsdp": 2, "mesh.tensor": 2}}
+  """8 experts top-1, 5 steps: the loss falls, and expert parallelism (expert=2 with fsdp=2 and
+  tensor=2) gives the losses of mesh.expert=1 (f32, relative < 1e-4). (The layer at expert=4
+  equals one device in test_expert_parallel_layer_equals_one_device.)"""
+  meshes = {"e1": {}, "e2f2t2": {"mesh.expert": 2, "mesh.fsdp": 2, "mesh.tensor": 2}}
   losses = {}
   for name, mesh in meshes.items():
     config = tiny_config(**{"model.moe.num_experts": 8, "model.moe.top_k": 1, **mesh,
@@ -224,7 +224,6 @@ def test_moe_trains_and_expert_sharding_keeps_the_loss(shapes_data_dir, tmp_path
     assert records[-1]["moe/dropped"] == 0
     assert "moe/layer1/image_share/e7" in records[-1]
   assert losses["e1"][-1] < losses["e1"][0] - 1.0
-  np.testing.assert_allclose(losses["e4"], losses["e1"], rtol=1e-4)
   np.testing.assert_allclose(losses["e2f2t2"], losses["e1"], rtol=1e-4)
 
   # The specialisation plot from the run's metrics.
@@ -232,7 +231,7 @@ def test_moe_trains_and_expert_sharding_keeps_the_loss(shapes_data_dir, tmp_path
   fraction = router_plot.image_fraction([records[-1]])
   assert fraction.shape == (2, 8) and np.all((0 <= fraction) & (fraction <= 1))
   out = subprocess.run([sys.executable, "-m", "nmm_jax.train.router_plot",
-                        f"--workdir={tmp_path / 'e4'}", f"--out={tmp_path / 'router.png'}"],
+                        f"--workdir={tmp_path / 'e2f2t2'}", f"--out={tmp_path / 'router.png'}"],
                        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
   assert out.returncode == 0, out.stderr[-2000:]
   assert (tmp_path / "router.png").stat().st_size > 10_000
