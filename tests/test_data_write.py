@@ -33,6 +33,8 @@ def read_source(directory: str) -> list:
 def write(importer, out, source, **kwargs):
   kwargs.setdefault("eval_fraction", 0.0)
   kwargs.setdefault("workers", 1)
+  # The fixtures are mostly bad items on purpose; the skip limit has its own test.
+  kwargs.setdefault("max_skip_fraction", 1.0)
   return conversion.write_source(importer, str(out), source, num_shards=2,
                                  show_progress=False, **kwargs)
 

@@ -117,6 +117,95 @@ def test_hf_export_loads_in_transformers_with_our_log_probs(runs, tmp_path, name
   assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text)
 
 
+
+def test_hf_export_carries_the_tokenizers_special_ids(runs, tmp_path):
+  import transformers
+  out = str(tmp_path / "hf")
+  export(runs["qwen3"], out, "hf")
+  tokenizer = load_tokenizer(run_checkpoint.open_run(runs["qwen3"]).tokenizer_path)
+  ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+         "pad_token_id": tokenizer.pad_id}
+  assert None not in ids.values()
+  for name in ("config.json", "generation_config.json"):
+    saved = json.load(open(os.path.join(out, name)))
+    assert {k: saved[k] for k in ids} == ids, name
+  hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  assert (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id) == (
+      tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+
+
+def test_hf_generate_stops_at_eos(runs, tmp_path):
+  """The exported weights edited so that greedy decoding goes a -> b -> c -> <eos>: generate(),
+  given no eos_token_id, stops there (the folder's generation config names <eos>)."""
+  import torch
+  import transformers
+  from safetensors.numpy import load_file, save_file
+  out = str(tmp_path / "hf")
+  weights = export(runs["qwen3"], out, "hf")
+  tokenizer = load_tokenizer(run_checkpoint.open_run(runs["qwen3"]).tokenizer_path)
+  a, b, c = tokenizer.encode("red circle square")
+  assert len({a, b, c, tokenizer.eos_id}) == 4
+  w = load_file(weights)
+  # Attention and MLP outputs zeroed: the last hidden state is the current token's embedding,
+  # RMS-normalised (norm weight 1), so every embedding comes out with the same length.
+  for name in w:
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+      w[name] = np.zeros_like(w[name])
+  w["model.norm.weight"] = np.ones_like(w["model.norm.weight"])
+  # Row y of the head is the unit embedding of the token that should precede y: by
+  # Cauchy-Schwarz that row's logit is the largest (the others are 0 or a smaller cosine).
+  unit = lambda i: w["model.embed_tokens.weight"][i] / np.linalg.norm(
+      w["model.embed_tokens.weight"][i])
+  head = np.zeros_like(w["lm_head.weight"])
+  head[b], head[c], head[tokenizer.eos_id] = unit(a), unit(b), unit(c)
+  w["lm_head.weight"] = head
+  save_file(w, weights, metadata={"format": "pt"})
+
+  model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+  assert model.generation_config.eos_token_id == tokenizer.eos_id
+  prompt = torch.tensor([[tokenizer.bos_id, a]])
+  max_new_tokens = 10
+  with torch.no_grad():
+    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                               max_new_tokens=max_new_tokens, do_sample=False)
+  new = generated[0, prompt.shape[1]:].tolist()
+  assert new == [b, c, tokenizer.eos_id] and len(new) < max_new_tokens
+
+
+def test_hf_export_without_a_tokenizer(runs, tmp_path, monkeypatch):
+  """No tokenizer file found: the folder is written and loads as before (no tokenizer, no
+  generation_config.json, the family's default ids)."""
+  import torch
+  import transformers
+  monkeypatch.setattr(run_checkpoint, "_tokenizer_path", lambda config, workdir: "")
+  out = str(tmp_path / "hf")
+  export(runs["qwen3"], out, "hf")
+  assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+  saved = json.load(open(os.path.join(out, "config.json")))
+  assert [saved[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")] == [None] * 3
+  transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+
+
+def test_hf_token_ids_are_null_for_tokens_the_tokenizer_lacks(tmp_path):
+  """A tokenizer.json with <bos> and <eos> but no <pad>: pad_token_id stays None, and the saved
+  tokenizer gets no <pad> (transformers would add one past the vocabulary)."""
+  import tokenizers
+  import transformers
+  from tokenizers import models
+  path = str(tmp_path / "tokenizer.json")
+  vocab = {"<bos>": 0, "<eos>": 1, "<unk>": 2, "red": 3}
+  tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.add_special_tokens(["<bos>", "<eos>"])
+  tok.save(path)
+  ids = hf.special_token_ids(path)
+  assert ids == {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": None}
+  assert hf.special_token_ids("") == {}
+  out = str(tmp_path / "out")
+  hf.save_tokenizer(path, out, ids)
+  saved = transformers.AutoTokenizer.from_pretrained(out)
+  assert saved.pad_token is None and len(saved) == len(vocab)
+  assert hf.generation_config(ids).pad_token_id is None
+
 def test_hf_import_round_trip_gives_identical_parameters(runs, tmp_path):
   for name in RUNS:
     out = str(tmp_path / name)

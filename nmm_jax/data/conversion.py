@@ -4,11 +4,14 @@
   OUT/<source>/eval-00000-of-0000M.array_record ...
   OUT/<source>/manifest.json                            (counts, skips, inputs, schema version)
 
-Items are split into train/eval by a seeded permutation, then dealt round-robin to shards; each
-shard is written by one worker process (`workers`), so the output does not depend on how many
-there are. Everything is written into a staging folder that replaces OUT/<source> only when all
-shards are complete: an interrupted run leaves the previous data untouched. A bad item is skipped,
-counted by reason, and the first few are printed with where they came from.
+Items are split into train/eval by a seeded permutation, then dealt to shards in contiguous runs
+(so an importer reading row groups, as Parquet's does, reads each about once; Grain shuffles
+records anyway); each shard is written by one worker process (`workers`), so the output does not
+depend on how many there are. Everything is written into a staging folder that replaces
+OUT/<source> only when all shards are complete: an interrupted run leaves the previous data
+untouched. A bad item is skipped, counted by reason, and the first few are printed with where they
+came from. A conversion that skips more than `max_skip_fraction` of its items, or writes no
+document, fails (ConversionError) and leaves the previous data untouched.
 """
 import collections
 import dataclasses
@@ -95,20 +98,22 @@ def _shard_tasks(items, splits, staging, source, num_shards):
     count = num_shards if split == "train" else max(1, math.ceil(num_shards * len(indices)
                                                                  / max(1, len(items))))
     count = min(count, len(indices))
-    for shard in range(count):
+    for shard, run in enumerate(np.array_split(np.asarray(indices), count)):
       path = os.path.join(staging, f"{split}-{shard:05d}-of-{count:05d}.array_record")
-      tasks.append((split, path, source, [items[i] for i in indices[shard::count]]))
+      tasks.append((split, path, source, [items[i] for i in run]))
   return tasks
 
 
 def write_source(importer, out_dir: str, source: str, *, num_shards: int = 8,
                  eval_fraction: float = 0.05, workers: int = 1, seed: int = 0,
                  overwrite: bool = False, inputs: dict | None = None,
-                 show_progress: bool = True) -> dict:
+                 show_progress: bool = True, max_skip_fraction: float = 0.5) -> dict:
   """Writes OUT_DIR/SOURCE from `importer`; returns the summary (also saved as manifest.json)."""
-  if num_shards < 1 or workers < 0 or not 0 <= eval_fraction < 1:
-    raise ValueError(f"need num_shards >= 1, workers >= 0, 0 <= eval_fraction < 1; got "
-                     f"{num_shards}, {workers}, {eval_fraction}")
+  if (num_shards < 1 or workers < 0 or not 0 <= eval_fraction < 1
+      or not 0 <= max_skip_fraction <= 1):
+    raise ValueError(f"need num_shards >= 1, workers >= 0, 0 <= eval_fraction < 1, "
+                     f"0 <= max_skip_fraction <= 1; got {num_shards}, {workers}, "
+                     f"{eval_fraction}, {max_skip_fraction}")
   final = os.path.join(out_dir, source)
   if os.path.exists(final) and not overwrite:
     raise FileExistsError(f"{final} exists; pass --overwrite to replace it")
@@ -123,6 +128,7 @@ def write_source(importer, out_dir: str, source: str, *, num_shards: int = 8,
     tasks = _shard_tasks(items, splits, staging, source, num_shards)
     results = _run_tasks(importer, tasks, len(items), workers, show_progress)
     summary = _summary(results, source, len(tasks), time.perf_counter() - start, inputs)
+    _check_skips(summary, len(items), max_skip_fraction, final)
     with open(os.path.join(staging, MANIFEST), "w") as f:
       json.dump(summary, f, indent=2, sort_keys=True)
     if os.path.exists(final):
@@ -131,6 +137,24 @@ def write_source(importer, out_dir: str, source: str, *, num_shards: int = 8,
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   return summary
+
+
+class ConversionError(ValueError):
+  """Too many items skipped, or no document written: nothing was replaced."""
+
+
+def _check_skips(summary: dict, num_items: int, max_skip_fraction: float, final: str):
+  skipped = sum(summary["skipped"].values())
+  written = sum(summary["documents"].values())
+  if written and skipped <= max_skip_fraction * num_items:
+    return
+  why = ("no document was written" if not written else
+         f"{skipped} of {num_items} items ({skipped / num_items:.0%}) were skipped, more than "
+         f"--max_skip_fraction={max_skip_fraction}")
+  reasons = "".join(f"\n  {reason}: {n}" for reason, n in sorted(summary["skipped"].items()))
+  examples = "".join(f"\n  e.g. {example}" for example in summary["skip_examples"])
+  kept = "left as it was" if os.path.exists(final) else "not created"
+  raise ConversionError(f"{why}; {final} is {kept}. Skipped:{reasons}{examples}")
 
 
 def _run_tasks(importer, tasks, total, workers, show_progress):

@@ -13,10 +13,9 @@ import functools
 import os
 
 import grain
-import jax
-from absl import flags
 import msgpack
 import numpy as np
+from absl import flags
 
 from nmm_jax.data import batch as batch_lib
 from nmm_jax.data import images as images_lib
@@ -25,8 +24,16 @@ from nmm_jax.data import streams as streams_lib
 from nmm_jax.data.batch import PIECE_KEYS
 from nmm_jax.data.features import SkipDocument, document_pieces
 from nmm_jax.data.records import decode_document
-from nmm_jax.data.stages import (RecordError, ShardedRecords, Skip, SkipCounter, SkipTally,
-                                 Unpack, attach_skip_counts, set_worker_index)
+from nmm_jax.data.stages import (
+  RecordError,
+  ShardedRecords,
+  Skip,
+  SkipCounter,
+  SkipTally,
+  Unpack,
+  attach_skip_counts,
+  set_worker_index,
+)
 
 
 def source_names(config) -> list[str]:

@@ -1,7 +1,8 @@
 """The shard record schema: one record = one msgpack-encoded document.
 
 Schema version 1:
-  {"v": 1, "source": str, "segments": [{"text": str} | {"image": PNG/JPEG bytes, "h": int, "w": int}],
+  {"v": 1, "source": str,
+   "segments": [{"text": str} | {"image": PNG/JPEG bytes, "h": int, "w": int}],
    "meta": {str: any}}
 A document is an ordered list of segments; an image-caption pair is [image, text], a text-only
 document has no image segment.

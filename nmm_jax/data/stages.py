@@ -13,6 +13,7 @@
 import bisect
 import collections
 import dataclasses
+
 import grain
 import jax
 import numpy as np

@@ -18,14 +18,18 @@ UNK_TOKEN = "<unk>"
 
 
 class Tokenizer:
-  """Text <-> ids plus the special ids. Subclasses give `_encode`, `_decode`, `_id_of`."""
+  """Text <-> ids plus the special ids. Subclasses give `_encode`, `_decode`, `_id_of`.
 
-  def __init__(self, path: str, vocab_size: int):
+  `require_specials=False` gives None for a special token the file lacks instead of refusing the
+  file: for readers that report what a file has (the Hugging Face export's token ids), not for
+  the pipeline, which needs every one."""
+
+  def __init__(self, path: str, vocab_size: int, require_specials: bool = True):
     self.path, self.vocab_size = path, vocab_size
     ids = {}
     for token in SPECIAL_TOKENS:
       ids[token] = self._id_of(token)
-      if ids[token] is None:
+      if ids[token] is None and require_specials:
         raise ValueError(f"tokenizer {path} has no special token {token!r}; the pipeline needs "
                          f"all of {', '.join(SPECIAL_TOKENS)}")
     (self.pad_id, self.bos_id, self.eos_id, self.image_id, self.image_start_id,
@@ -42,10 +46,10 @@ class Tokenizer:
 
 
 class HuggingFaceTokenizer(Tokenizer):
-  def __init__(self, path: str):
+  def __init__(self, path: str, require_specials: bool = True):
     import tokenizers
     self._tok = tokenizers.Tokenizer.from_file(path)
-    super().__init__(path, self._tok.get_vocab_size(with_added_tokens=True))
+    super().__init__(path, self._tok.get_vocab_size(with_added_tokens=True), require_specials)
 
   def _id_of(self, token):
     return self._tok.token_to_id(token)
@@ -58,10 +62,10 @@ class HuggingFaceTokenizer(Tokenizer):
 
 
 class SentencePieceTokenizer(Tokenizer):
-  def __init__(self, path: str):
+  def __init__(self, path: str, require_specials: bool = True):
     import sentencepiece
     self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
-    super().__init__(path, self._sp.get_piece_size())
+    super().__init__(path, self._sp.get_piece_size(), require_specials)
 
   def _id_of(self, token):
     i = self._sp.piece_to_id(token)
@@ -74,14 +78,15 @@ class SentencePieceTokenizer(Tokenizer):
     return self._sp.decode(ids)
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-  """`*.model` -> SentencePiece; `*.json` -> Hugging Face tokenizers."""
+def load_tokenizer(path: str, require_specials: bool = True) -> Tokenizer:
+  """`*.model` -> SentencePiece; `*.json` -> Hugging Face tokenizers. `require_specials`: see
+  Tokenizer."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"tokenizer file {path} does not exist")
   if path.endswith(".model"):
-    return SentencePieceTokenizer(path)
+    return SentencePieceTokenizer(path, require_specials)
   if path.endswith(".json"):
-    return HuggingFaceTokenizer(path)
+    return HuggingFaceTokenizer(path, require_specials)
   raise ValueError(f"tokenizer file {path}: expected a SentencePiece '.model' or a Hugging Face "
                    "'tokenizer.json'")
 

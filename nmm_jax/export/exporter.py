@@ -37,8 +37,11 @@ def export(workdir: str, out: str, fmt: str, step: int | None = None) -> str:
     m = run.config.model
     print("hf: the text decoder only; the image parts have no place in these families")
     safetensors_file.write(weights, hf.export_tensors(flat, m), {"format": "pt"}, progress=True)
-    hf.hf_config(m, max_positions=run.config.data.seq_len).save_pretrained(out)
-    hf.save_tokenizer(run.tokenizer_path, out)
+    token_ids = hf.special_token_ids(run.tokenizer_path)
+    hf.hf_config(m, run.config.data.seq_len, token_ids).save_pretrained(out)
+    if token_ids:  # without a tokenizer there are no ids to give generate(): no file, as before
+      hf.generation_config(token_ids).save_pretrained(out)
+    hf.save_tokenizer(run.tokenizer_path, out, token_ids)
   print(f"wrote {out}")
   return weights
 

@@ -42,9 +42,13 @@ import jax
 import numpy as np
 
 from nmm_jax.config import ConfigError
+from nmm_jax.data.tokenizer import load_tokenizer
 from nmm_jax.export.safetensors_file import Tensor
 
 WEIGHTS_FILE = "model.safetensors"
+# transformers' names of our special tokens (data/tokenizer.py's), as config keys and as
+# tokenizer arguments: the same three, so the config and the tokenizer folder agree.
+HF_SPECIAL_TOKENS = {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>"}
 
 
 class ExportError(ValueError):
@@ -78,12 +82,25 @@ def family(model_cfg) -> str:
   return "Qwen3MoeForCausalLM"
 
 
-def hf_config(model_cfg, max_positions: int):
-  """The transformers config object of the exported model."""
+def special_token_ids(tokenizer_path: str) -> dict:
+  """{"bos_token_id": id, "eos_token_id": id, "pad_token_id": id} of the run's tokenizer file;
+  {} when the run has none (the config then keeps its family's defaults, as before)."""
+  if not tokenizer_path:
+    return {}
+  # A token the file lacks stays None (null in the JSON): generate() would otherwise stop at, or
+  # pad with, some other token. The pipeline refuses such files, so a run's own file has all.
+  tokenizer = load_tokenizer(tokenizer_path, require_specials=False)
+  ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
+  return {f"{name}_token_id": ids[name] for name in HF_SPECIAL_TOKENS}
+
+
+def hf_config(model_cfg, max_positions: int, token_ids: dict | None = None):
+  """The transformers config object of the exported model; `token_ids`: special_token_ids."""
   import transformers
   arch = family(model_cfg)
   m = model_cfg
   common = dict(
+      **(token_ids or {}),
       architectures=[arch], vocab_size=m.vocab_size, hidden_size=m.d_model,
       intermediate_size=m.mlp_dim, num_hidden_layers=m.num_layers,
       num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim,
@@ -193,15 +210,27 @@ def export_tensors(flat: dict, model_cfg) -> list:
   return tensors
 
 
-def save_tokenizer(path: str, out: str):
+def generation_config(token_ids: dict):
+  """The GenerationConfig that generate() reads from generation_config.json: the same ids as
+  config.json, so greedy decoding stops at <eos> and pads with <pad>."""
+  import transformers
+  return transformers.GenerationConfig(**token_ids)
+
+
+def save_tokenizer(path: str, out: str, token_ids: dict | None = None):
   """The run's tokenizer in `out`, loadable by AutoTokenizer when it is a tokenizer.json; a
-  SentencePiece model is copied as it is (transformers needs a model class to wrap it)."""
+  SentencePiece model is copied as it is (transformers needs a model class to wrap it).
+  `token_ids` (special_token_ids) says which special tokens the file has."""
   if not path:
     print("hf: the run's tokenizer file was not found; the folder has none")
     return
   if path.endswith(".json"):
     import transformers
-    specials = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
+    token_ids = special_token_ids(path) if token_ids is None else token_ids
+    # Only the tokens the file has: transformers would add a missing one as a new token, past
+    # the model's vocabulary.
+    specials = {f"{name}_token": token for name, token in HF_SPECIAL_TOKENS.items()
+                if token_ids[f"{name}_token_id"] is not None}
     transformers.PreTrainedTokenizerFast(tokenizer_file=path, **specials).save_pretrained(out)
   else:
     shutil.copy(path, os.path.join(out, os.path.basename(path)))

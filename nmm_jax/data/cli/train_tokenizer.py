@@ -19,8 +19,9 @@ flags.DEFINE_string("out", "", "Model file (default: tokenizer.model in the firs
                     "when it is a folder).")
 flags.DEFINE_integer("vocab_size", 32000, "Vocabulary size, special tokens included (an upper "
                      "bound: a small corpus may give fewer pieces).")
-flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"], "SentencePiece algorithm (unigram needs a "
-                  "large corpus: on a few thousand captions it falls back to characters).")
+flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"], "SentencePiece algorithm (unigram "
+                  "needs a large corpus: on a few thousand captions it falls back to "
+                  "characters).")
 flags.DEFINE_integer("max_documents", 200_000, "Train on at most this many documents.")
 flags.DEFINE_string("split", "train", "Shards of this split.")
 FLAGS = flags.FLAGS

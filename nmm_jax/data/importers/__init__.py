@@ -8,6 +8,8 @@ can spread the slow part (reading and checking images) over worker processes. A 
   captions        a folder of images + a JSONL of {"image": path, "caption": text}
   interleaved     a JSONL of interleaved documents (OBELICS-like) referencing image files
   webdataset      WebDataset .tar shards: <key>.{jpg,png,...} + <key>.{txt,json}
+  parquet         Parquet files of caption pairs or OBELICS-style interleaved rows (pyarrow)
+  hf              a Hugging Face `datasets` dataset saved with save_to_disk
   tfds            any TFDS image+text dataset prepared as array_record (`tfds.data_source`)
   sklearn-digits  scikit-learn's bundled 8x8 handwritten digits, upsampled, captioned
 """
@@ -21,12 +23,13 @@ class BadItem(Exception):
     self.reason, self.detail = reason, detail
 
 
-FORMATS = ("captions", "interleaved", "webdataset", "tfds", "sklearn-digits")
+FORMATS = ("captions", "interleaved", "webdataset", "parquet", "hf", "tfds", "sklearn-digits")
 
 
 def make_importer(fmt: str, **options):
   """The importer for `fmt`; `options` are the `nmm-data write` flags that apply to it."""
-  # Imported here: each format pulls in only its own dependencies (tfds, scikit-learn).
+  # Imported here: each format pulls in only its own dependencies (tfds, scikit-learn,
+  # datasets).
   if fmt == "captions":
     from nmm_jax.data.importers.files import CaptionsImporter
     return CaptionsImporter(**options)
@@ -36,6 +39,12 @@ def make_importer(fmt: str, **options):
   if fmt == "webdataset":
     from nmm_jax.data.importers.webdataset import WebDatasetImporter
     return WebDatasetImporter(**options)
+  if fmt == "parquet":
+    from nmm_jax.data.importers.parquet import ParquetImporter
+    return ParquetImporter(**options)
+  if fmt == "hf":
+    from nmm_jax.data.importers.hf_datasets import HfDatasetImporter
+    return HfDatasetImporter(**options)
   if fmt == "tfds":
     from nmm_jax.data.importers.tfds_source import TfdsImporter
     return TfdsImporter(**options)

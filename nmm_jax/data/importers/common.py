@@ -39,8 +39,9 @@ def image_segment(encoded: bytes, where: str, max_side: int = 0) -> ImageSegment
 
 def read_image_file(path: str, where: str, max_side: int = 0) -> ImageSegment:
   if path.startswith(("http://", "https://")):
-    raise BadItem("missing_image", f"{where}: {path} is a URL; download the images first and "
-                  "reference the local files")
+    raise BadItem("missing_image", f"{where}: {path} is a URL; nmm-data write does not fetch: "
+                  "download the images first (e.g. with img2dataset) and reference the local "
+                  "files")
   try:
     with open(path, "rb") as f:
       encoded = f.read()
@@ -71,3 +72,21 @@ def parse_json_object(where: str, text: str) -> dict:
   if not isinstance(row, dict):
     raise BadItem("unparsable", f"{where}: expected a JSON object, got {type(row).__name__}")
   return row
+
+
+def aligned_segment_specs(texts, images, where: str) -> list:
+  """OBELICS's aligned lists -> [("text", t) | ("image", ref)]: at each position exactly one of
+  the two is set (None for the other)."""
+  if not isinstance(texts, list) or not isinstance(images, list) or len(texts) != len(images):
+    raise BadItem("unparsable", f"{where}: the texts and images lists must be lists of one "
+                  f"length (got {_length(texts)} and {_length(images)})")
+  specs = []
+  for i, (text, image) in enumerate(zip(texts, images)):
+    if (text is None) == (image is None):
+      raise BadItem("unparsable", f"{where}: position {i} must set exactly one of text/image")
+    specs.append(("image", image) if image is not None else ("text", text))
+  return specs
+
+
+def _length(value) -> str:
+  return str(len(value)) if isinstance(value, list) else type(value).__name__

@@ -2,8 +2,13 @@
 import os
 
 from nmm_jax.data.importers import BadItem
-from nmm_jax.data.importers.common import (clean_text, parse_json_object, read_image_file,
-                                           resolve)
+from nmm_jax.data.importers.common import (
+  aligned_segment_specs,
+  clean_text,
+  parse_json_object,
+  read_image_file,
+  resolve,
+)
 
 
 def _jsonl_lines(path: str) -> list:
@@ -69,15 +74,7 @@ class InterleavedImporter:
         raise BadItem("unparsable", f"{where}: 'segments' must be a list of objects")
       return [("image", s["image"]) if "image" in s else ("text", s.get("text")) for s in specs]
     if "texts" in row and "images" in row:
-      texts, images = row["texts"], row["images"]
-      if not isinstance(texts, list) or not isinstance(images, list) or len(texts) != len(images):
-        raise BadItem("unparsable", f"{where}: 'texts' and 'images' must be lists of one length")
-      specs = []
-      for i, (text, image) in enumerate(zip(texts, images)):
-        if (text is None) == (image is None):
-          raise BadItem("unparsable", f"{where}: position {i} must set exactly one of text/image")
-        specs.append(("image", image) if image is not None else ("text", text))
-      return specs
+      return aligned_segment_specs(row["texts"], row["images"], where)
     raise BadItem("unparsable", f"{where}: expected 'segments' or 'texts' + 'images' "
                   f"(keys: {sorted(row)})")
 
