@@ -163,3 +163,10 @@ def test_one_process_state_resumes_under_two_processes(one_shard_dir, monkeypatc
       for key in have:
         if key != "skipped":
           assert have[key].tobytes() == want[key][p * half:(p + 1) * half].tobytes(), key
+
+
+def test_more_streams_than_records_fails_by_name(one_shard_dir):
+  config = _config(**{"data.streams": 2 * EVAL_DOCS})
+  with pytest.raises(ValueError, match=rf"source 'caption' has {EVAL_DOCS} readable eval records"
+                                       rf" .* fewer than the {2 * EVAL_DOCS} data streams"):
+    pipeline.make_dataset(config, one_shard_dir, "eval", seed=0)

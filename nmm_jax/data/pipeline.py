@@ -111,6 +111,12 @@ def _open_sources(config, directory: str, split: str) -> tuple:
     if not len(records):
       raise FileNotFoundError(f"source {name!r}: none of its {len(paths)} {split} shards in "
                               f"{directory}/{name} could be read (see the warnings above)")
+    total = streams_lib.num_streams(config)
+    if len(records) < total:  # stream s reads records s::total: one would have none
+      raise ValueError(f"source {name!r} has {len(records)} readable {split} records in "
+                       f"{directory}/{name}, fewer than the {total} data streams "
+                       "(data.streams, or one per process); write more records or use fewer "
+                       "streams")
     unreadable += len(records.unreadable)
     sources.append((records, config.data.mixture[name]))
   return sources, unreadable
