@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from nmm_jax.scaling import fit as fit_lib
+from nmm_jax.scaling import validation
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "data", "chinchilla_svg_extracted_data.csv")
 
@@ -50,7 +51,9 @@ def test_reproduces_epochs_chinchilla_refit():
   out = subprocess.run(
       [sys.executable, "-m", "nmm_jax.scaling.cli", "fit", f"--csv={REFERENCE}",
        "--n_column=Model Size", "--c_column=Training FLOP", "--drop_highest=5", "--bootstrap=20",
-       "--json"], capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+       # (the validation refits are tested below, on a small table: 240 refits take long)
+       "--noextrapolate", "--noleave_one_out", "--json"],
+      capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["runs"] == 240
@@ -73,3 +76,52 @@ def test_bad_tables_fail_clearly(tmp_path):
     read_runs(str(path))
   with pytest.raises(KeyError, match="no column 'loss/text'"):
     read_runs(str(path), target="loss/text")
+
+
+def _isoflop_runs(truth, noise: float, seed: int = 0):
+  """Six model sizes at each of four budgets (an isoFLOP sweep), D = C / 6N, losses from
+  `truth` with relative noise; C carries the step-count rounding of a real sweep."""
+  rng = np.random.default_rng(seed)
+  C = np.repeat([1e15, 1e16, 1e17, 1e18], 6) * (1 + rng.uniform(-1e-3, 1e-3, 24))
+  N = np.concatenate([np.geomspace(c ** 0.5 / 30, c ** 0.5 / 3, 6) for c in C[::6]])
+  D = C / (6 * N)
+  return N, D, C, truth.loss(N, D) * np.exp(rng.normal(0, noise, len(N)))
+
+
+# A small initialisation grid around the truth: the paper's 4,500 starts take tens of seconds
+# per fit here, and these tests are about the validation, not the search.
+SMALL_GRID = dict(a=np.array([0.0, 5.0]), b=np.array([0.0, 5.0]), e=np.array([0.0, 0.5]),
+                  alpha=np.array([0.5]), beta=np.array([0.5]))
+TRUTH = fit_lib.ScalingLaw(E=1.7, A=400.0, B=1500.0, alpha=0.34, beta=0.28)
+
+
+def test_held_out_extrapolation_and_leave_one_out_of_a_known_law():
+  N, D, C, L = _isoflop_runs(TRUTH, noise=1e-3)
+  x = validation.extrapolation(N, D, C, L, grid=SMALL_GRID)
+  assert x["budget"] == 1e18 and x["fit_runs"] == 18 and len(x["runs"]) == 6
+  assert x["max_abs_error"] < 0.01  # the noise is 0.1%
+  law, _ = fit_lib.fit(N, D, L, grid=SMALL_GRID)
+  loo = validation.leave_one_out(N, D, L, law)
+  assert len(loo["errors"]) == 24 and loo["max_abs_error"] < 0.01
+  # Losses that stop following the law at the largest budget are predicted badly: the check
+  # measures something.
+  bent = L * np.where(C > 5e17, 1.2, 1.0)
+  assert validation.extrapolation(N, D, C, bent, grid=SMALL_GRID)["max_abs_error"] > 0.1
+  with pytest.raises(ValueError, match="the same compute budget: nothing to extrapolate"):
+    validation.extrapolation(N[:6], D[:6], C[:6], L[:6])
+
+
+def test_fit_report_says_how_well_the_law_predicts():
+  from nmm_jax.scaling.cli.fit import fit_table, format_result
+  N, D, C, L = _isoflop_runs(TRUTH, noise=1e-3)
+  runs = {"N": N, "D": D, "C": C, "loss": L}
+  result = fit_table(runs, bootstrap=0, budgets=[1e19], workers=1, grid=SMALL_GRID)
+  assert result["extrapolation"]["max_abs_error"] < 0.01
+  assert result["leave_one_out"]["max_abs_error"] < 0.01
+  text = format_result(result, "loss")
+  assert "held-out extrapolation: fitted on the 18 runs below 1e+18 FLOPs" in text
+  assert "leave-one-out: mean |error|" in text
+  few = {k: v[:6] for k, v in runs.items()}  # one budget: the checks are skipped, said so
+  few_result = fit_table(few, bootstrap=0, budgets=[1e19], workers=1, grid=SMALL_GRID)
+  assert "held-out extrapolation: skipped (every run has the same compute budget" in \
+      format_result(few_result, "loss")

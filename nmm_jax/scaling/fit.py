@@ -142,6 +142,12 @@ def fit(N, D, L, *, delta: float = HUBER_DELTA, grid=None, starts=None,
                     float(beta)), float(best.fun)
 
 
+def nearby_starts(law: ScalingLaw) -> list:
+  """Initialisations for refits of a subset: the full-data optimum and two points near it."""
+  centre = np.array([np.log(law.A), np.log(law.B), np.log(law.E), law.alpha, law.beta])
+  return [centre] + [centre * f for f in (0.8, 1.2)]
+
+
 def bootstrap(N, D, L, law: ScalingLaw, *, samples: int = 200, seed: int = 0,
               delta: float = HUBER_DELTA, level: float = 0.95) -> dict:
   """{name: (low, high)} percentile intervals of every coefficient over `samples` refits on
@@ -149,8 +155,7 @@ def bootstrap(N, D, L, law: ScalingLaw, *, samples: int = 200, seed: int = 0,
   nearby points), not the whole grid: 200 grid searches would take minutes."""
   N, D, L = (np.asarray(x, float) for x in (N, D, L))
   rng = np.random.default_rng(seed)
-  centre = np.array([np.log(law.A), np.log(law.B), np.log(law.E), law.alpha, law.beta])
-  starts = [centre] + [centre * f for f in (0.8, 1.2)]
+  starts = nearby_starts(law)
   values = []
   for _ in range(samples):
     pick = rng.integers(0, len(N), len(N))
@@ -161,12 +166,17 @@ def bootstrap(N, D, L, law: ScalingLaw, *, samples: int = 200, seed: int = 0,
               float(np.percentile([v[k] for v in values], 100 - tail))) for k in values[0]}
 
 
+def budget_of(C, digits: int = 2) -> np.ndarray:
+  """Each run's compute budget: C rounded to `digits` significant digits, so the runs of one
+  isoFLOP group (whose C differ by the rounding of their step counts) share one."""
+  return np.array([float(f"{c:.{digits}g}") for c in np.asarray(C, float)])
+
+
 def compute_frontier(C, L, digits: int = 2):
   """Indices of the lowest-loss frontier, in order of compute: the best run of each budget
-  (C rounded to `digits` significant digits, so an isoFLOP group's runs count as one budget)
-  when its loss is below that of every smaller budget."""
+  (`budget_of`) when its loss is below that of every smaller budget."""
   C, L = np.asarray(C, float), np.asarray(L, float)
-  budgets = np.array([float(f"{c:.{digits}g}") for c in C])
+  budgets = budget_of(C, digits)
   frontier, best = [], np.inf
   for budget in np.unique(budgets):
     members = np.flatnonzero(budgets == budget)

@@ -3,8 +3,10 @@
   nmm-scaling fit --csv=runs.csv [--target=loss/caption] [--bootstrap=100] [--json]
 
 Prints the coefficients with bootstrap intervals, the compute-optimal exponents a, b and
-N*, D* at some budgets, and the L(C) power law on the lowest-loss frontier. With --json the last
-line is one JSON object with all of it.
+N*, D* at some budgets, the L(C) power law on the lowest-loss frontier, and how well the law
+predicts runs it was not fitted on (scaling/validation.py): the largest budget's runs from a fit
+on the smaller budgets, and each run from a fit without it. With --json the last line is one
+JSON object with all of it.
 """
 import json
 import os
@@ -13,6 +15,7 @@ import numpy as np
 from absl import flags
 
 from nmm_jax.scaling import fit as fit_lib
+from nmm_jax.scaling import validation
 from nmm_jax.scaling.table import read_runs
 
 flags.DEFINE_string("csv", None, "Runs table (nmm-scaling collect, or any CSV with N, D|C, loss).")
@@ -25,6 +28,9 @@ flags.DEFINE_integer("bootstrap", 100, "Bootstrap refits for the intervals (0: n
 flags.DEFINE_list("budgets", [], "FLOP budgets for N*, D* (default: powers of ten over the "
                   "table's compute range, and one decade beyond).")
 flags.DEFINE_integer("workers", os.cpu_count() or 1, "Processes sharing the initialisation grid.")
+flags.DEFINE_bool("extrapolate", True, "Fit on all but the largest budget and report the errors "
+                  "on its runs.")
+flags.DEFINE_bool("leave_one_out", True, "Refit without each run and report its error.")
 flags.DEFINE_bool("json", False, "End with one line of JSON.")
 flags.mark_flags_as_required(["csv"])
 FLAGS = flags.FLAGS
@@ -35,13 +41,25 @@ def default_budgets(C) -> list:
   return [float(10 ** k) for k in range(low, high + 1)]
 
 
-def fit_table(runs, *, bootstrap: int, budgets, workers: int) -> dict:
-  """Everything `fit` reports, as one dict."""
-  law, objective = fit_lib.fit(runs["N"], runs["D"], runs["loss"], workers=workers)
+def fit_table(runs, *, bootstrap: int, budgets, workers: int, extrapolate: bool = True,
+              leave_one_out: bool = True, grid=None) -> dict:
+  """Everything `fit` reports, as one dict (`grid`: fit.GRID unless given). A check the table is
+  too small for is reported as {"skipped": why}, not an error: the fit itself still stands."""
+  law, objective = fit_lib.fit(runs["N"], runs["D"], runs["loss"], workers=workers, grid=grid)
   result = {**law.as_dict(), "objective": objective, "runs": int(len(runs["N"]))}
   if bootstrap:
     result["interval_95"] = fit_lib.bootstrap(runs["N"], runs["D"], runs["loss"], law,
                                               samples=bootstrap)
+  checks = {"extrapolation": (extrapolate, lambda: validation.extrapolation(
+                runs["N"], runs["D"], runs["C"], runs["loss"], workers=workers, grid=grid)),
+            "leave_one_out": (leave_one_out, lambda: validation.leave_one_out(
+                runs["N"], runs["D"], runs["loss"], law))}
+  for name, (wanted, check) in checks.items():
+    if wanted:
+      try:
+        result[name] = check()
+      except ValueError as e:
+        result[name] = {"skipped": str(e)}
   N_opt, D_opt = law.optimal(budgets)
   result["optimal"] = [{"C": c, "N": float(n), "D": float(d), "loss": float(law.loss(n, d))}
                        for c, n, d in zip(budgets, N_opt, D_opt)]
@@ -73,7 +91,29 @@ def format_result(r: dict, target: str) -> str:
     f = r["frontier"]
     lines.append(f"lowest-loss frontier ({f['runs']} runs): "
                  f"{target} = {f['k']:.4g} * C^{f['c']:.4f}")
+  lines += _validation_lines(r)
   return "\n".join(lines)
+
+
+def _validation_lines(r: dict) -> list:
+  lines = []
+  x = r.get("extrapolation")
+  if x and "skipped" in x:
+    lines.append(f"held-out extrapolation: skipped ({x['skipped']})")
+  elif x:
+    lines.append(f"held-out extrapolation: fitted on the {x['fit_runs']} runs below "
+                 f"{x['budget']:.2g} FLOPs (alpha {x['law']['alpha']:.4f}, beta "
+                 f"{x['law']['beta']:.4f}), predicting the {len(x['runs'])} runs at it: "
+                 f"max |error| {100 * x['max_abs_error']:.2f}%")
+    lines += [f"  N {run['N']:.3e}  D {run['D']:.3e}  loss {run['loss']:.4f}  predicted "
+              f"{run['predicted']:.4f}  ({100 * run['error']:+.2f}%)" for run in x["runs"]]
+  o = r.get("leave_one_out")
+  if o and "skipped" in o:
+    lines.append(f"leave-one-out: skipped ({o['skipped']})")
+  elif o:
+    lines.append(f"leave-one-out: mean |error| {100 * o['mean_abs_error']:.2f}%, max "
+                 f"{100 * o['max_abs_error']:.2f}% over {len(o['errors'])} runs")
+  return lines
 
 
 def main(argv):
@@ -82,7 +122,8 @@ def main(argv):
                    d_column=FLAGS.d_column, c_column=FLAGS.c_column,
                    drop_highest=FLAGS.drop_highest)
   budgets = [float(b) for b in FLAGS.budgets] or default_budgets(runs["C"])
-  result = fit_table(runs, bootstrap=FLAGS.bootstrap, budgets=budgets, workers=FLAGS.workers)
+  result = fit_table(runs, bootstrap=FLAGS.bootstrap, budgets=budgets, workers=FLAGS.workers,
+                     extrapolate=FLAGS.extrapolate, leave_one_out=FLAGS.leave_one_out)
   print(format_result(result, FLAGS.target))
   if FLAGS.json:
     print(json.dumps(result))
