@@ -3,6 +3,7 @@ r"""nmm-export: a training run's checkpoint as files other frameworks read.
   nmm-export --workdir=DIR [--step=N] --format=safetensors --out=OUT
   nmm-export --workdir=DIR [--step=N] --format=hf --out=OUT
   nmm-export --workdir=DIR [--step=N] --format=torch --out=OUT
+  nmm-export --workdir=DIR [--step=N] --format=hf-multimodal --out=OUT
 
 safetensors: every parameter, named by its path in the model ("decoder.blocks.attn.w_q_DxHxE";
 stacked layers on the leading axis, shape letters in the name as in the model code), in
@@ -19,6 +20,11 @@ torch: the safetensors export plus nmm_torch.py, a pure-PyTorch reference of eve
 (early, late in each vision_fusion mode, MoE): `nmm_torch.load(OUT)` in that folder needs only
 torch and safetensors.
 
+hf-multimodal: the whole model (every family: early, late in each vision_fusion mode, MoE) as
+a Hugging Face remote-code folder: AutoModelForCausalLM / AutoProcessor.from_pretrained(OUT,
+trust_remote_code=True) load it with transformers and torch only (nmm_torch.py's math), and
+greedy generate() gives nmm_jax's tokens.
+
 Only the parameters are read from the checkpoint (not the optimizer state), and tensors are
 written one at a time: peak host memory is about one copy of the model.
 """
@@ -29,7 +35,8 @@ from nmm_jax.subcommands import reporting_errors
 
 flags.DEFINE_string("workdir", None, "The training run's folder (holds checkpoints/).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-flags.DEFINE_enum("format", None, ["safetensors", "hf", "torch"], "What to write.")
+flags.DEFINE_enum("format", None, ["safetensors", "hf", "torch", "hf-multimodal"],
+                  "What to write.")
 flags.DEFINE_string("out", None, "Output folder (created; must be empty or absent).")
 flags.mark_flags_as_required(["workdir", "format", "out"])
 FLAGS = flags.FLAGS

@@ -19,7 +19,10 @@ def export(workdir: str, out: str, fmt: str, step: int | None = None) -> str:
   flat = run_checkpoint.flat_params(run.params())
   os.makedirs(out, exist_ok=True)
   weights = os.path.join(out, hf.WEIGHTS_FILE)
-  if fmt in ("safetensors", "torch"):
+  if fmt == "hf-multimodal":
+    from nmm_jax.export import hf_multimodal
+    hf_multimodal.write_folder(flat, run.config, run.tokenizer_path, out, run.step)
+  elif fmt in ("safetensors", "torch"):
     tensors = [safetensors_file.Tensor(name, a.shape, a.dtype, lambda a=a: a)
                for name, a in flat.items()]
     safetensors_file.write(weights, tensors, {"format": "nmm_jax", "step": run.step},

@@ -7,6 +7,10 @@ without nmm_jax:
   logits = model(tokens=..., positions=..., segment_ids=..., image_ids=..., patch_ids=...,
                  images=...)             # the batch contract's arrays, as torch tensors
 
+`embed` / `decode_layers` / `head` are forward's parts, for decoding with a key/value cache
+(the `hf-multimodal` export's modeling code calls them; `decode_injections` gives what decoded
+tokens receive from the prompt's images).
+
 Covers early fusion, late fusion in every vision_fusion mode, and MoE decoders (learned or
 modality routing, dropless or capacity, moe.every). Written for reading and checking, not
 speed: each expert runs on every token and is masked. Parameter names are nmm_jax's (the
@@ -119,7 +123,9 @@ class NMMTorch(torch.nn.Module):
 
   # -- decoder -----------------------------------------------------------------------------
 
-  def _attention(self, i, x, positions, mask):
+  def _attention(self, i, x, positions, mask, kv=None):
+    """`kv` (optional): (k, v) [B, L, K, E] after RoPE -> the keys and values to attend
+    over, [B, M, K, E]: a key/value cache's update (decoding)."""
     m = self.m
     w = lambda n: self._layer(i, f"attn.{n}")
     b, l, d = x.shape
@@ -130,6 +136,8 @@ class NMMTorch(torch.nn.Module):
       q = rms_norm(q, w("q_norm.scale"), m["norm_eps"])
       k = rms_norm(k, w("k_norm.scale"), m["norm_eps"])
     q, k = rope(q, positions, m["rope_theta"]), rope(k, positions, m["rope_theta"])
+    if kv is not None:
+      k, v = kv(k, v)
     groups = m["num_heads"] // m["num_kv_heads"]
     k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
     out = softmax_attention(q, k, v, mask).reshape(b, l, -1)
@@ -233,10 +241,17 @@ class NMMTorch(torch.nn.Module):
   @torch.no_grad()
   def forward(self, tokens, positions, segment_ids, image_ids, patch_ids=None, images=None):
     """Logits [B, L, V] of a batch (images [B, I, H, W, C] uint8, or None: text only)."""
+    x, before, _ = self.embed(tokens, segment_ids, image_ids, patch_ids, images)
+    mask = attention_mask(segment_ids, image_ids)
+    return self.head(self.decode_layers(x, positions, mask, image_ids >= 0, before))
+
+  def embed(self, tokens, segment_ids, image_ids, patch_ids=None, images=None):
+    """(embeddings [B, L, D] with the image positions filled, {decoder layer: what is applied to
+    the residual before it}, what later decoded tokens need of the images: `decode_injections`)."""
     m = self.m
     x = self.p("embed_VxD")[tokens]
     is_image = image_ids >= 0
-    before = {}
+    before, image_state = {}, None
     if images is not None:
       patches = patchify(images, m["patch_size"])
       b, i, p, c = patches.shape
@@ -255,21 +270,44 @@ class NMMTorch(torch.nn.Module):
             before[layer] = lambda x, added=added: x + added
         elif m["vision_fusion"] == "internal_xattn":
           cross_mask, any_image = image_cross_mask(segment_ids, image_ids, i, p)
+          # The prompt's last position (left-padded prompts: a real token) follows every image
+          # of its document, so its cross-attention mask is that of every token decoded after.
+          image_state = {"features": [layers[j] for j, _ in injected],
+                         "cross_mask": cross_mask[:, :, -1:], "cross_any": any_image[:, -1:]}
           for n, (j, layer) in enumerate(injected):
             before[layer] = (lambda x, n=n, feats=layers[j]:
                              self._cross_attention(n, x, feats, cross_mask, any_image))
       x = torch.where(is_image[..., None], self._at_tokens(image, image_ids, patch_ids, p), x)
-    mask = attention_mask(segment_ids, image_ids)
-    eps = m["norm_eps"]
-    for layer in range(m["num_layers"]):
+    return x, before, image_state
+
+  def decode_injections(self, image_state):
+    """`embed`'s `before` for text tokens decoded after a prompt: internal_xattn's
+    cross-attention to the prompt's images; nothing in the other modes (only image positions
+    receive anything there)."""
+    if image_state is None:
+      return {}
+    _, injected = self._layer_plan()
+    return {layer: (lambda x, n=n, feats=image_state["features"][n]:
+                    self._cross_attention(n, x, feats, image_state["cross_mask"],
+                                          image_state["cross_any"]))
+            for n, (_, layer) in enumerate(injected)}
+
+  def decode_layers(self, x, positions, mask, is_image, before, kv=None):
+    """The decoder over embeddings x [B, L, D], then the final norm. `kv` (optional):
+    (layer, k, v) -> the keys and values to attend over (a key/value cache's update)."""
+    eps = self.m["norm_eps"]
+    for layer in range(self.m["num_layers"]):
       if layer in before:
         x = before[layer](x)
       x = x + self._attention(layer, rms_norm(x, self._layer(layer, "attn_norm.scale"), eps),
-                              positions, mask)
+                              positions, mask,
+                              None if kv is None else (lambda k, v, n=layer: kv(n, k, v)))
       h = rms_norm(x, self._layer(layer, "mlp_norm.scale"), eps)
       x = x + (self._moe(layer, h, is_image) if self._is_moe(layer) else self._dense_mlp(layer, h))
-    x = rms_norm(x, self.p("final_norm.scale"), eps)
-    head = self.p("embed_VxD").T if m["tie_embeddings"] else self.p("head_DxV")
+    return rms_norm(x, self.p("final_norm.scale"), eps)
+
+  def head(self, x):
+    head = self.p("embed_VxD").T if self.m["tie_embeddings"] else self.p("head_DxV")
     return x @ head
 
   def _dense_mlp(self, i, x):
