@@ -92,20 +92,21 @@ def test_two_processes_stop_resume_and_finish_on_another_mesh(reference, shapes_
   # The same command resumes from it; stopped again.
   assert stop_after(start(workdir, shapes_data_dir, 2, tag="b"), workdir,
                     first_stop + 2) == [0, 0]
-  second_stop = checkpoints(workdir)[-1]
+  *_, fallback, second_stop = checkpoints(workdir)
   assert first_stop < second_stop < STEPS
   # Its checkpoint is damaged (a state file cut short): both processes find it unreadable, agree
-  # to fall back to the first stop's, and move the bad one aside; stopped again.
+  # to fall back to the one before it (the first stop's, or the step-10 one when the second run
+  # got past it before its SIGTERM), and move the bad one aside; stopped again.
   state = os.path.join(workdir, "checkpoints", str(second_stop), "state")
   files = [os.path.join(d, f) for d, _, names in os.walk(state) for f in names]
   victim = max(files, key=os.path.getsize)
   os.truncate(victim, os.path.getsize(victim) // 2)
   procs = start(workdir, shapes_data_dir, 2, tag="b2")
-  deadline = time.time() + 300  # (the old records after first_stop are there until it starts)
-  while "checkpoint/unreadable_steps" not in logged(workdir).get(first_stop + 1, {}):
+  deadline = time.time() + 300  # (the old records after fallback are there until it starts)
+  while "checkpoint/unreadable_steps" not in logged(workdir).get(fallback + 1, {}):
     assert time.time() < deadline and all(p.poll() is None for p in procs), "run ended early"
     time.sleep(0.05)
-  assert stop_after(procs, workdir, first_stop + 1) == [0, 0]
+  assert stop_after(procs, workdir, fallback + 1) == [0, 0]
   assert f"unreadable-{second_stop}" in os.listdir(os.path.join(workdir, "checkpoints"))
   # One process with 8 devices on an fsdp=2 mesh restores the 2-process checkpoint (state
   # resharded, both data streams' states read) and finishes.

@@ -4,17 +4,15 @@ import json
 import os
 
 from nmm_jax import config as config_lib
+from nmm_jax import storage
 from nmm_jax.scaling import flops
 
 RUN_FILE = "sweep_run.json"
 
 
 def read_metrics(workdir: str) -> list:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """The run's metrics.jsonl records ([] before its first), local or in a bucket."""
+  return storage.read_jsonl(storage.join(workdir, "metrics.jsonl"))
 
 
 def final_eval(workdir: str, step: int | None = None):
@@ -28,7 +26,7 @@ def final_eval(workdir: str, step: int | None = None):
 def collect_run(workdir: str) -> dict:
   """One row of the runs table; raises ValueError when the run has no checkpoint or no eval."""
   from nmm_jax.checkpoint import Checkpointer  # Orbax: only when reading checkpoints
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+  if not storage.path(storage.join(workdir, "checkpoints")).is_dir():
     raise ValueError(f"{workdir}: no checkpoints (not a training workdir, or not started)")
   checkpointer = Checkpointer(workdir, keep=1, async_save=False)
   try:
