@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
+from test_export_torch import VARIANTS
 
 from conftest import tiny_config
 from nmm_jax.data import pipeline, shards
@@ -30,22 +31,12 @@ from nmm_jax.export.run_checkpoint import flat_params
 from nmm_jax.models import NMM
 from nmm_jax.train.loop import train_and_evaluate
 
-LATE = {"model.fusion": "late"}
-FAMILIES = {
-    "early": {},
-    "late_none": LATE,
-    "late_input_concat": {**LATE, "model.vision_fusion": "input_concat",
-                          "model.vision_layers": (1, -1)},
-    "late_internal_add": {**LATE, "model.vision_fusion": "internal_add",
-                          "model.vision_layers": (1, -1), "model.fusion_decoder_layers": (1,)},
-    "late_internal_xattn": {**LATE, "model.vision_fusion": "internal_xattn",
-                            "model.vision_layers": (0, 2, -1),
-                            "model.fusion_decoder_layers": (0, 1)},
-    # Modality routing and a shared expert: no Hugging Face family has them (--format=hf
-    # refuses this decoder).
-    "moe": {"model.moe.num_experts": 4, "model.moe.top_k": 2, "model.moe.routing": "modality",
-            "model.moe.num_shared_experts": 1},
-}
+# The fusion variants of the PyTorch reference's test, and an MoE decoder with modality routing
+# and a shared expert: no Hugging Face family has them (--format=hf refuses this decoder).
+FAMILIES = {**{name: VARIANTS[name] for name in ("early", "late_none", "late_input_concat",
+                                                 "late_internal_add", "late_internal_xattn")},
+            "moe": {"model.moe.num_experts": 4, "model.moe.top_k": 2,
+                    "model.moe.routing": "modality", "model.moe.num_shared_experts": 1}}
 # Early fusion edited so that greedy decoding reaches <eos> at the 2nd / 3rd token (_chain_to_eos).
 EOS = "early_stops_at_eos"
 TRAINED = "trained_early"  # the folder `python -m nmm_jax.export` writes from a 2-step run
