@@ -6,6 +6,7 @@ Checkpoints go through Orbax and TensorStore, which write to buckets natively. T
   appended to, so in a bucket the whole object is written again on `flush()` (train/metrics.py
   flushes every 30 s and before every checkpoint save, so a killed run loses no record of the
   steps its checkpoints hold).
+- `StagedFolder`: a local folder uploaded to the bucket, for writers of local files only.
 - `local_copy`: a bucket folder copied to a local cache. ArrayRecord reads shards through
   riegeli's file reader, which opens local files only in its open-source build; so Grain reads
   the copy. A corpus larger than the local disk is read from a gcsfuse mount instead, a local
@@ -14,6 +15,7 @@ Checkpoints go through Orbax and TensorStore, which write to buckets natively. T
 import json
 import os
 import shutil
+import tempfile
 
 from etils import epath
 
@@ -100,15 +102,17 @@ def read_jsonl(location) -> list[dict]:
   return [json.loads(line) for line in LineLog(location).read_lines()]
 
 
-def default_cache_dir() -> str:
-  return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                      "nmm_jax")
+def cache_root(cache_dir: str = "") -> str:
+  """data.cache_dir, or $XDG_CACHE_HOME/nmm_jax (~/.cache/nmm_jax) when it is empty."""
+  default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                         "nmm_jax")
+  return os.path.abspath(cache_dir or default)
 
 
 def copy_location(uri: str, cache_dir: str) -> str:
   """Where `local_copy` puts the copy of `uri`: cache_dir/<scheme>/<bucket>/<path>."""
   scheme, rest = str(uri).rstrip("/").split("://", 1)
-  return os.path.join(os.path.abspath(cache_dir or default_cache_dir()), scheme, rest)
+  return os.path.join(cache_root(cache_dir), scheme, rest)
 
 
 def local_copy(uri: str, cache_dir: str, *, progress: bool = True) -> str:
@@ -165,9 +169,27 @@ def local_copy(uri: str, cache_dir: str, *, progress: bool = True) -> str:
   return dest
 
 
+class StagedFolder:
+  """A folder a writer that only writes local files (jax.profiler, TensorBoard's event writer)
+  writes to: `location` itself when it is local; else a temporary local folder that `sync`
+  uploads to the bucket and `close` uploads and removes."""
+
+  def __init__(self, location: str, prefix: str = "nmm-staged-"):
+    self.location = location
+    self.local = tempfile.mkdtemp(prefix=prefix) if is_remote(location) else location
+
+  def sync(self):
+    if self.local != self.location:
+      upload(self.local, self.location)
+
+  def close(self):
+    self.sync()
+    if self.local != self.location:
+      shutil.rmtree(self.local, ignore_errors=True)
+
+
 def upload(local_dir: str, uri: str):
-  """Copies the local folder `local_dir` into the bucket folder `uri`, file by file (a profiler
-  trace or TensorBoard events: written locally first, see their writers)."""
+  """Copies the local folder `local_dir` into the bucket folder `uri`, file by file."""
   target = path(uri)
   for folder, _, names in os.walk(local_dir):
     for name in names:

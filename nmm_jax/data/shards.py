@@ -102,7 +102,7 @@ def run_data_folder(config, workdir: str) -> str:
     return config.data.dir
   if storage.is_remote(workdir):
     s = config.data.synthetic
-    return os.path.join(config.data.cache_dir or storage.default_cache_dir(), "embedded",
+    return os.path.join(storage.cache_root(config.data.cache_dir), "embedded",
                         f"docs{s.train_docs}-{s.eval_docs}-size{config.data.image_size}"
                         f"-seed{s.seed}")
   return os.path.join(workdir, "data")

@@ -35,10 +35,10 @@ def leave_one_out(N, D, L, law: fit_lib.ScalingLaw) -> dict:
   N, D, L = (np.asarray(x, float) for x in (N, D, L))
   if len(N) <= MIN_FIT_RUNS:
     raise ValueError(f"leave-one-out needs more than {MIN_FIT_RUNS} runs, got {len(N)}")
-  errors = []
+  errors, starts = [], fit_lib.nearby_starts(law)
   for i in range(len(N)):
     keep = np.arange(len(N)) != i
-    refit, _ = fit_lib.fit(N[keep], D[keep], L[keep], starts=fit_lib.nearby_starts(law))
+    refit, _ = fit_lib.fit(N[keep], D[keep], L[keep], starts=starts)
     errors.append(float(refit.loss(N[i], D[i]) / L[i] - 1))
   errors = np.asarray(errors)
   return {"errors": errors.tolist(), "mean_abs_error": float(np.abs(errors).mean()),

@@ -8,9 +8,7 @@ the latest checkpoint, data-iterator position included.
 """
 import functools
 import os
-import shutil
 import signal
-import tempfile
 import time
 
 import jax
@@ -70,9 +68,8 @@ class _StepProfiler:
 
   def before(self, step: int):
     if step == self.first:
-      self.local = tempfile.mkdtemp(prefix="nmm-profile-") if storage.is_remote(
-          self.directory) else self.directory
-      jax.profiler.start_trace(self.local)
+      self.folder = storage.StagedFolder(self.directory, prefix="nmm-profile-")
+      jax.profiler.start_trace(self.folder.local)
       self.running = True
 
   def after(self, step: int, metrics):
@@ -84,9 +81,7 @@ class _StepProfiler:
     if self.running:
       jax.profiler.stop_trace()
       self.running = False
-      if self.local != self.directory:
-        storage.upload(self.local, self.directory)
-        shutil.rmtree(self.local, ignore_errors=True)
+      self.folder.close()
 
 
 def held_out_loss(eval_step, params, config, directory, batch_sh, source_names) -> dict:

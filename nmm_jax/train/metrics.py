@@ -2,8 +2,6 @@
 and the writer to DIR/metrics.jsonl and TensorBoard (DIR/tb/); only process 0 writes."""
 import contextlib
 import json
-import shutil
-import tempfile
 import time
 
 import jax
@@ -95,10 +93,8 @@ class MetricsWriter:
     self._drop_steps_after(resume_step)
     # In a bucket the event file is written locally and uploaded whole on each flush:
     # tensorboardX's own gs:// writer uploads again from __del__, after the run has ended.
-    self.tb_dir = storage.join(workdir, "tb")
-    self.tb_local = (tempfile.mkdtemp(prefix="nmm-tb-") if storage.is_remote(workdir)
-                     else self.tb_dir)
-    self.tb = SummaryWriter(self.tb_local, flush_secs=flush_secs)
+    self.tb_folder = storage.StagedFolder(storage.join(workdir, "tb"), prefix="nmm-tb-")
+    self.tb = SummaryWriter(self.tb_folder.local, flush_secs=flush_secs)
     self.flush_secs, self._flushed = flush_secs, time.monotonic()
 
   def _drop_steps_after(self, step: int):
@@ -125,20 +121,14 @@ class MetricsWriter:
       return
     self.log.flush()
     self.tb.flush()
-    self._upload_events()
+    self.tb_folder.sync()
     self._flushed = time.monotonic()
-
-  def _upload_events(self):
-    if self.tb_local != self.tb_dir:
-      storage.upload(self.tb_local, self.tb_dir)
 
   def close(self):
     if self.enabled:
       self.log.flush()
       self.tb.close()
-      self._upload_events()
-      if self.tb_local != self.tb_dir:
-        shutil.rmtree(self.tb_local, ignore_errors=True)
+      self.tb_folder.close()
 
 
 def router_metrics(stats) -> dict:
