@@ -5,15 +5,20 @@ configs/large.py ones, compiled by nmm-compile's functions for v5p-64, v6e-256 a
   .venv/bin/python scripts/fit_table.py --render   # the Markdown table of docs/fit_table.jsonl
 
 Each cell compiles the train step at the paper's batch (256 sequences over the chips) and then
-searches the largest per-chip batch (report.max_per_chip_batch). Rows are appended to --out as
-they finish, so an interrupted run continues where it stopped; docs/fit_table.jsonl holds the
-rows behind the README's table; --redo compiles cells again (e.g. --nosearch cells, which have no
-max/chip yet), and the last row of a cell wins. The mesh shards parameters over as many chips
+searches the largest per-chip batch (--search: report.max_per_chip_batch's bisection, or a
+three-compile estimate that the table marks "≥"). Compiled with the flag preset a run uses
+(train.xla_flags=auto). Rows are appended to --out as they finish, so an interrupted run
+continues where it stopped; docs/fit_table.jsonl holds the rows behind the README's table;
+--redo compiles cells again (e.g. --search=none cells, which have no max/chip yet), and the last
+row of a cell wins. The mesh shards parameters over as many chips
 as divide d_model (fsdp = gcd(chips, d_model)) and data-parallelises the rest.
 """
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from nmm_jax import xla_flags  # noqa: E402
+
+xla_flags.apply("auto")  # before any backend starts, as nmm-train and nmm-compile do
 import json  # noqa: E402
 import math  # noqa: E402
 
@@ -24,7 +29,11 @@ _OUT = flags.DEFINE_string("out", os.path.join(ROOT, "docs", "fit_table.jsonl"),
                            "Rows, one JSON object per cell.")
 _TOPOLOGIES = flags.DEFINE_list("topologies", ["v5p-64", "v6e-256", "h100-8"], "Targets.")
 _SPECS = flags.DEFINE_list("specs", None, "FILE:MEMBER cells (default: every member).")
-_SEARCH = flags.DEFINE_bool("search", True, "Also find the largest per-chip batch.")
+_SEARCH = flags.DEFINE_enum("search", "exact", ["exact", "estimate", "none"],
+                            "How the largest per-chip batch is found: exact (bisection to the "
+                            "last batch), estimate (three compiles: the affine prediction from "
+                            "two, then the prediction itself, lowered 10% at a time until it "
+                            "fits: a batch that fits, within a few of the largest), none.")
 _RENDER = flags.DEFINE_bool("render", False, "Print the Markdown table of --out and exit.")
 _REDO = flags.DEFINE_bool("redo", False, "Compile cells that --out already has, again.")
 
@@ -66,11 +75,41 @@ def measure(spec, target, search):
          "paper_per_chip_batch": per_chip, "paper_peak_bytes": at_paper["peak_bytes"],
          "paper_fits": at_paper["fits"], "hbm_bytes": target.hbm_bytes,
          "compile_s": at_paper["compile_s"], "params": at_paper["params"]}
-  if search:
-    best, r = report.max_per_chip_batch(config, target, known={per_chip: at_paper},
-                                        log=lambda s: print(s, flush=True))
+  log = lambda s: print(s, flush=True)
+  if search == "exact":
+    best, r = report.max_per_chip_batch(config, target, known={per_chip: at_paper}, log=log)
     row.update(max_per_chip_batch=best, max_peak_bytes=r["peak_bytes"] if best else None)
+  elif search == "estimate":
+    best, r = estimated_max(config, target, {per_chip: at_paper}, log)
+    row.update(max_per_chip_batch=best, max_peak_bytes=r["peak_bytes"] if best else None,
+               max_search="estimate")
   return row
+
+
+def estimated_max(config, target, known, log):
+  """(a per-chip batch that fits, within a few of the largest, its report): peak memory is
+  close to affine in the batch, so compiles at 1 and at one other size predict the largest;
+  the prediction is compiled and lowered by 10% until it fits (0 when 1 does not fit)."""
+  from nmm_jax.compile import report
+  reports = dict(known)
+
+  def compiled(b):
+    if b not in reports:
+      reports[b] = report.compile_step(config, target, b)
+      log(f"  per-chip batch {b:5d}: peak {reports[b]['peak_bytes'] / 2**30:7.2f} GiB "
+          f"({'fits' if reports[b]['fits'] else 'does not fit'})")
+    return reports[b]
+
+  if not compiled(1)["fits"]:
+    return 0, reports[1]
+  other = max((b for b in reports if b > 1), default=2)
+  per_row = (compiled(other)["peak_bytes"] - reports[1]["peak_bytes"]) / (other - 1)
+  fixed = reports[1]["peak_bytes"] - per_row
+  guess = 4096 if per_row <= 0 else max(1, int((target.hbm_bytes - fixed) // per_row))
+  while not compiled(guess)["fits"] and guess > 1:
+    guess = max(int(guess * 0.9), 1)
+  best = max(b for b, r in reports.items() if r["fits"])
+  return best, reports[best]
 
 
 def render(path):
@@ -96,8 +135,9 @@ def render(path):
       cells.append(f"{'fits' if r['paper_fits'] else '**no**'}, "
                    f"{r['paper_peak_bytes'] / 2 ** 30:.1f} GiB")
       best = r.get("max_per_chip_batch")
+      mark = "≥" if r.get("max_search") == "estimate" else ""
       cells.append("" if best is None else
-                   f"{best}, {r['max_peak_bytes'] / 2 ** 30:.1f} GiB" if best else "0")
+                   f"{mark}{best}, {r['max_peak_bytes'] / 2 ** 30:.1f} GiB" if best else "0")
       cells.append(f"{r['compile_s']:.0f} s")
     print("| " + " | ".join(cells) + " |")
 

@@ -203,8 +203,14 @@ def test_cli_compiles_a_paper_config_for_a_v5p_slice():
   # f32 parameters (4 bytes each) split four ways.
   assert abs(r["param_bytes"] - r["params"]) < 1e5
   # Weights are cast to bf16 where they are stored, so FSDP's gathers move bf16.
-  gathers = {c["kind"]: c for c in r["collectives"]}["all-gather"]
+  collectives = {c["kind"]: c for c in r["collectives"]}
+  gathers = collectives["all-gather"]
   assert gathers["dtypes"].get("bf16", 0) > 0.9 * gathers["bytes"]
+  # ZeRO-3: the layers' weight gradients are reduce-scattered (models/dense.py); what is still
+  # all-reduced is the LM head's bf16 [800, 50304] gradient (libtpu's choice) and the norm
+  # scales. Left to the compiler, the attention and down-projection gradients were all-reduced
+  # too: 189 MiB against 77.
+  assert collectives["all-reduce"]["bytes"] < 1.1 * 800 * 50304 * 2
   assert "TPU_WORKER_HOSTNAMES" not in result.stderr and "libtpu" not in result.stderr
   assert "peak estimate" in result.stdout
 

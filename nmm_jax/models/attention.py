@@ -5,7 +5,8 @@ from flax import nnx
 
 from nmm_jax import sharding
 from nmm_jax.models import attention_kernels
-from nmm_jax.models.layers import RMSNorm, apply_rope, dense, fan_in_init, make_param
+from nmm_jax.models.dense import dense
+from nmm_jax.models.layers import RMSNorm, apply_rope, fan_in_init, make_param
 
 _HEADS = ("batch", "activation_q_length", "activation_heads", None)
 _KV_HEADS = ("batch", "activation_kv_length", "activation_kv_heads", None)
@@ -78,13 +79,14 @@ class Attention(nnx.Module):
     """(q [B, L, H, E], k [B, L, K, E], v [B, L, K, E]): QK-norm and RoPE applied."""
     b, l, d = x_BxLxD.shape
 
-    def project(w_DxHxE):
+    def project(w_DxHxE, heads_axis):
       w_DxHxE = w_DxHxE[...].astype(x_BxLxD.dtype)
-      return dense(x_BxLxD, w_DxHxE.reshape(d, -1)).reshape(b, l, *w_DxHxE.shape[1:])
+      return dense(x_BxLxD, w_DxHxE.reshape(d, -1), ("embed", heads_axis)).reshape(
+          b, l, *w_DxHxE.shape[1:])
 
-    q_BxLxHxE = sharding.constrain(project(self.w_q_DxHxE), _HEADS)
-    k_BxLxKxE = sharding.constrain(project(self.w_k_DxKxE), _KV_HEADS)
-    v_BxLxKxE = sharding.constrain(project(self.w_v_DxKxE), _KV_HEADS)
+    q_BxLxHxE = sharding.constrain(project(self.w_q_DxHxE, "heads"), _HEADS)
+    k_BxLxKxE = sharding.constrain(project(self.w_k_DxKxE, "kv_heads"), _KV_HEADS)
+    v_BxLxKxE = sharding.constrain(project(self.w_v_DxKxE, "kv_heads"), _KV_HEADS)
     if self.q_norm is not None:
       q_BxLxHxE, k_BxLxKxE = self.q_norm(q_BxLxHxE), self.k_norm(k_BxLxKxE)
     return apply_rope(q_BxLxHxE, rope), apply_rope(k_BxLxKxE, rope), v_BxLxKxE
@@ -100,7 +102,7 @@ class Attention(nnx.Module):
     out_BxLxHxE = sharding.constrain(out_BxLxHxE, _HEADS)
     d = self.w_o_HxExD.shape[-1]
     w_o_HExD = self.w_o_HxExD[...].astype(out_BxLxHxE.dtype).reshape(h * e, d)
-    return dense(out_BxLxHxE.reshape(b, l, h * e), w_o_HExD)
+    return dense(out_BxLxHxE.reshape(b, l, h * e), w_o_HExD, ("heads", "embed"))
 
   def __call__(self, x_BxLxD, rope, mask):
     return self._attend(*self._project(x_BxLxD, rope), mask, self.implementation)
