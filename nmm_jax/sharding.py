@@ -42,6 +42,9 @@ DEFAULT_SHARDING_RULES = (
 # The rules of the program being traced (traced_under sets them): layers that lay out their own
 # computation, such as the MoE layer's shard_map, read them at trace time.
 _TRACED_RULES = contextvars.ContextVar("traced_rules", default=DEFAULT_SHARDING_RULES)
+# The platform of the devices the program being traced is for ("tpu", "gpu", "cpu"; None outside
+# traced_under): where a layout choice depends on what a backend's compiler does with it.
+_TRACED_PLATFORM = contextvars.ContextVar("traced_platform", default=None)
 
 
 # mesh.sequence_parallel: Megatron's sequence parallelism. The norms and the residual stream
@@ -78,6 +81,11 @@ def batch_shards(rules, mesh_shape: dict) -> int:
 def traced_rules():
   """The logical-axis rules of the program being traced (the default rules outside one)."""
   return _TRACED_RULES.get()
+
+
+def traced_platform():
+  """The platform of the mesh the program being traced runs on (None outside traced_under)."""
+  return _TRACED_PLATFORM.get()
 
 
 def make_mesh(mesh_shape: dict, devices=None, dcn_shape: dict | None = None) -> Mesh:
@@ -193,10 +201,12 @@ class traced_under:
   @contextlib.contextmanager
   def _context(self):
     token = _TRACED_RULES.set(tuple(self.rules))
+    platform = _TRACED_PLATFORM.set(self.mesh.devices.flat[0].platform)
     try:
       with jax.set_mesh(self.mesh):
         yield
     finally:
+      _TRACED_PLATFORM.reset(platform)
       _TRACED_RULES.reset(token)
 
   def __call__(self, *args):

@@ -1,6 +1,7 @@
 """models/dense.py: the projection whose weight gradient is reduce-scattered explicitly under
 FSDP gives the plain product's values and gradients on every mesh, and the compiled program
-really reduce-scatters it (cpu-8)."""
+really reduce-scatters it (cpu-8, with the explicit form turned on for the CPU: by default it is
+for TPUs only)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +19,11 @@ MESHES = {
 }
 # Column-parallel (the input projections) and row-parallel (the output projections) weights.
 WEIGHT_AXES = {"embed_mlp": ("embed", "mlp"), "mlp_embed": ("mlp", "embed")}
+
+
+@pytest.fixture(autouse=True)
+def explicit_on_cpu(monkeypatch):
+  monkeypatch.setattr(dense_lib, "EXPLICIT_PLATFORMS", ("tpu", "cpu"))
 
 
 def _inputs():
@@ -79,9 +85,19 @@ def test_the_weight_gradient_is_reduce_scattered():
   assert kinds["reduce-scatter"]["bytes"] == I * O * 4 // 8
 
 
-def test_pure_data_parallelism_is_left_to_the_compiler():
-  """Without a batch axis that splits the weight there is nothing to scatter: no plan."""
-  mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1, "expert": 1})
-  with jax.set_mesh(mesh):
-    assert dense_lib.reduction(B, (I, O), ("embed", "mlp")) is None
+def _plan_under(mesh_shape):
+  mesh = sharding.make_mesh(mesh_shape)
+  return sharding.traced_under(mesh, lambda: dense_lib.reduction(B, (I, O), ("embed", "mlp")))()
+
+
+def test_where_the_compiler_reduces():
+  """No plan without a batch axis that splits the weight (pure data parallelism all-reduces
+  whole gradients), outside a mesh, or on a platform whose compiler reduce-scatters itself."""
+  assert _plan_under({"data": 8, "fsdp": 1, "tensor": 1, "expert": 1}) is None
   assert dense_lib.reduction(B, (I, O), ("embed", "mlp")) is None  # no mesh at all
+  assert _plan_under(MESHES["fsdp8"]) is not None
+
+
+def test_only_tpus_get_it_by_default(monkeypatch):
+  monkeypatch.setattr(dense_lib, "EXPLICIT_PLATFORMS", ("tpu",))
+  assert _plan_under(MESHES["fsdp8"]) is None
