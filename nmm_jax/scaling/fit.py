@@ -149,21 +149,26 @@ def nearby_starts(law: ScalingLaw) -> list:
 
 
 def bootstrap(N, D, L, law: ScalingLaw, *, samples: int = 200, seed: int = 0,
-              delta: float = HUBER_DELTA, level: float = 0.95) -> dict:
+              delta: float = HUBER_DELTA, level: float = 0.95, return_laws: bool = False):
   """{name: (low, high)} percentile intervals of every coefficient over `samples` refits on
   runs resampled with replacement. Each refit starts from the full-data optimum (and a few
-  nearby points), not the whole grid: 200 grid searches would take minutes."""
+  nearby points), not the whole grid: 200 grid searches would take minutes.
+
+  With `return_laws`, (intervals, [ScalingLaw of each refit]): intervals of quantities derived
+  from the law (e.g. the compute-optimal loss at some C) come from the refits themselves."""
   N, D, L = (np.asarray(x, float) for x in (N, D, L))
   rng = np.random.default_rng(seed)
   starts = nearby_starts(law)
-  values = []
+  laws = []
   for _ in range(samples):
     pick = rng.integers(0, len(N), len(N))
     refit, _ = fit(N[pick], D[pick], L[pick], delta=delta, starts=starts, workers=1)
-    values.append(refit.as_dict())
+    laws.append(refit)
+  values = [refit.as_dict() for refit in laws]
   tail = 100 * (1 - level) / 2
-  return {k: (float(np.percentile([v[k] for v in values], tail)),
-              float(np.percentile([v[k] for v in values], 100 - tail))) for k in values[0]}
+  intervals = {k: (float(np.percentile([v[k] for v in values], tail)),
+                   float(np.percentile([v[k] for v in values], 100 - tail))) for k in values[0]}
+  return (intervals, laws) if return_laws else intervals
 
 
 def budget_of(C, digits: int = 2) -> np.ndarray:

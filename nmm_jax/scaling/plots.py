@@ -123,3 +123,36 @@ def per_source_plot(runs_by_source: dict, path):
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def compare_plot(runs_by_family: dict, comparison: dict, path, target="loss"):
+  """Families on one plot (compare.compare): each family's runs (loss vs C), the compute-optimal
+  loss L*(C) of its fitted law (solid over its own runs' compute, dashed where extrapolated) and
+  the band of its bootstrap refits; the legend gives alpha and beta with their intervals."""
+  fig, ax = plt.subplots(figsize=(8, 5.5))
+  C = np.asarray(comparison["C"])
+  colours = plt.cm.tab10(np.arange(len(runs_by_family)) % 10)
+  for colour, (name, runs) in zip(colours, runs_by_family.items()):
+    family = comparison["families"][name]
+    law, ci, curve = family["law"], family["interval_95"], family["curve"]
+    label = f"{name} ({family['runs']} runs): alpha {law['alpha']:.3f}"
+    label += f" [{ci['alpha'][0]:.3f}, {ci['alpha'][1]:.3f}]" if ci else ""
+    label += f", beta {law['beta']:.3f}"
+    label += f" [{ci['beta'][0]:.3f}, {ci['beta'][1]:.3f}]" if ci else ""
+    ax.plot(runs["C"], runs["loss"], "o", color=colour, alpha=0.5, markersize=4)
+    loss = np.asarray(curve["loss"])
+    low, high = family["C_range"]
+    inside = (C >= low) & (C <= high)
+    ax.plot(C, np.where(inside, loss, np.nan), "-", color=colour, label=label)
+    ax.plot(C, loss, "--", color=colour, alpha=0.7)  # under the solid part: joins it, no gap
+    if curve["low"] is not None:
+      ax.fill_between(C, curve["low"], curve["high"], color=colour, alpha=0.2, linewidth=0)
+  for budget in comparison["budgets"]:
+    ax.axvline(budget["C"], color="grey", linestyle=":", linewidth=1)
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  band = (f"; bands: 95% of {comparison['bootstrap']} bootstrap refits"
+          if comparison["bootstrap"] else "")
+  _finish(ax, f"compute-optimal {target} L*(C) per family{band}\n(points: runs; dashed: "
+          "extrapolated; dotted: compared budgets)", "training FLOPs C", f"held-out {target}",
+          path)
