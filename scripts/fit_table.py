@@ -19,6 +19,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from nmm_jax import xla_flags  # noqa: E402
 
 xla_flags.apply("auto")  # before any backend starts, as nmm-train and nmm-compile do
+import datetime  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 
@@ -74,7 +75,8 @@ def measure(spec, target, search):
   row = {"spec": spec, "topology": target.name, "chips": chips, "mesh": at_paper["mesh"],
          "paper_per_chip_batch": per_chip, "paper_peak_bytes": at_paper["peak_bytes"],
          "paper_fits": at_paper["fits"], "hbm_bytes": target.hbm_bytes,
-         "compile_s": at_paper["compile_s"], "params": at_paper["params"]}
+         "compile_s": at_paper["compile_s"], "params": at_paper["params"],
+         "compiled": datetime.date.today().isoformat()}
   log = lambda s: print(s, flush=True)
   if search == "exact":
     best, r = report.max_per_chip_batch(config, target, known={per_chip: at_paper}, log=log)
@@ -134,8 +136,10 @@ def render(path):
       if r is None:
         cells += ["not compiled yet", "", ""]
         continue
+      # † marks rows from before the current layout (no "compiled" date): upper bounds.
+      old = "" if r.get("compiled") else " †"
       cells.append(f"{'fits' if r['paper_fits'] else '**no**'}, "
-                   f"{r['paper_peak_bytes'] / 2 ** 30:.1f} GiB")
+                   f"{r['paper_peak_bytes'] / 2 ** 30:.1f} GiB{old}")
       best = r.get("max_per_chip_batch")
       mark = "≥" if r.get("max_search") == "estimate" else ""
       cells.append("" if best is None else
