@@ -1,5 +1,6 @@
-"""The projections of the decoder and the encoder: x @ w for [B, L, I] activations, with FSDP's
-weight gradient reduce-scattered explicitly.
+"""The projections of the decoder's attention and MLP: x @ w for [B, L, I] activations, with
+FSDP's weight gradient reduce-scattered explicitly on TPU. (The ViT and the fusion layers still
+multiply with plain `@`.)
 
 Under FSDP a weight is split along one dimension over mesh axes that also split the batch. Its
 gradient is a sum over every device's tokens, and each device keeps only its slice of it: a
