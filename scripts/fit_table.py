@@ -77,43 +77,14 @@ def measure(spec, target, search):
          "paper_fits": at_paper["fits"], "hbm_bytes": target.hbm_bytes,
          "compile_s": at_paper["compile_s"], "params": at_paper["params"],
          "compiled": datetime.date.today().isoformat()}
-  log = lambda s: print(s, flush=True)
-  if search == "exact":
-    best, r = report.max_per_chip_batch(config, target, known={per_chip: at_paper}, log=log)
+  if search != "none":
+    best, r = report.max_per_chip_batch(config, target, known={per_chip: at_paper},
+                                        log=lambda s: print(s, flush=True),
+                                        exact=search == "exact")
     row.update(max_per_chip_batch=best, max_peak_bytes=r["peak_bytes"] if best else None)
-  elif search == "estimate":
-    best, r = estimated_max(config, target, {per_chip: at_paper}, log)
-    row.update(max_per_chip_batch=best, max_peak_bytes=r["peak_bytes"] if best else None,
-               max_search="estimate")
+    if search == "estimate":
+      row["max_search"] = "estimate"
   return row
-
-
-def estimated_max(config, target, known, log):
-  """(a per-chip batch that fits, its report): a lower bound on the largest. Peak memory is
-  close to affine in the batch, so compiles at 1 and at one other size predict the largest;
-  the prediction is compiled and lowered by 10% until it fits (0 when 1 does not fit). XLA:GPU
-  rematerialises more near the top of HBM, so there the prediction falls short (early-275m on
-  h100-8: 487; bisection, without the flag preset, found 567)."""
-  from nmm_jax.compile import report
-  reports = dict(known)
-
-  def compiled(b):
-    if b not in reports:
-      reports[b] = report.compile_step(config, target, b)
-      log(f"  per-chip batch {b:5d}: peak {reports[b]['peak_bytes'] / 2**30:7.2f} GiB "
-          f"({'fits' if reports[b]['fits'] else 'does not fit'})")
-    return reports[b]
-
-  if not compiled(1)["fits"]:
-    return 0, reports[1]
-  other = max((b for b in reports if b > 1), default=2)
-  per_row = (compiled(other)["peak_bytes"] - reports[1]["peak_bytes"]) / (other - 1)
-  fixed = reports[1]["peak_bytes"] - per_row
-  guess = 4096 if per_row <= 0 else max(1, int((target.hbm_bytes - fixed) // per_row))
-  while not compiled(guess)["fits"] and guess > 1:
-    guess = max(int(guess * 0.9), 1)
-  best = max(b for b, r in reports.items() if r["fits"])
-  return best, reports[best]
 
 
 def render(path):

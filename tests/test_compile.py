@@ -103,6 +103,9 @@ def test_max_batch_is_the_largest_that_fits(cpu8):
   best, r = report.max_per_chip_batch(config, small, log=lambda *a: None)
   assert best > 2 and r["fits"] and r["per_chip_batch"] == best
   assert not report.compile_step(config, small, best + 1)["fits"]
+  # The estimate (scripts/fit_table.py --search=estimate) is a batch that fits, at most that.
+  bound, r = report.max_per_chip_batch(config, small, log=lambda *a: None, exact=False)
+  assert 1 <= bound <= best and r["fits"] and r["per_chip_batch"] == bound
 
 
 def test_a_program_the_tpu_compiler_refuses_does_not_fit():
