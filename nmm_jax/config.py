@@ -23,6 +23,7 @@ FUSIONS = ("early", "late")
 VISION_FUSIONS = ("none", "input_concat", "internal_add", "internal_xattn")
 SCHEDULES = ("inverse_sqrt", "cosine")
 REMATS = ("none", "full", "save_dots")
+SYNTHETIC_KINDS = ("shapes", "world")  # data.synthetic.kind: data/synthetic.py, data/world.py
 # models/attention_kernels.py: the [L, L] scores in XLA, Pallas flash kernels reading the mask
 # as key ranges, cuDNN's fused kernel (GPU), or flash on TPU/GPU and xla elsewhere.
 ATTENTION_IMPLEMENTATIONS = ("xla", "flash", "cudnn", "auto")
@@ -137,7 +138,11 @@ def base_config() -> ml_collections.ConfigDict:
                               # bucket; empty: the one in dir
       # Train-time image augmentation (eval: centre crop). The paper's setting.
       augment=dict(crop_scale=(0.4, 1.0), flip_prob=0.5),
-      synthetic=dict(train_docs=6000, eval_docs=300, seed=1234),
+      # The embedded data (data.dir empty): kind "shapes" (data/synthetic.py: learnt to its
+      # floor in minutes) or "world" (data/world.py: `entities` named creatures picked with
+      # popularity ~ rank^-zipf, for scaling studies). entities and zipf are read by "world" only.
+      synthetic=dict(kind="shapes", train_docs=6000, eval_docs=300, seed=1234, entities=16384,
+                     zipf=1.1),
   )
   c.train = dict(
       steps=300,
@@ -330,6 +335,22 @@ def _validate_late_fusion(c):
 DCN_AXES = ("data", "fsdp")
 
 
+def _validate_synthetic(c):
+  s = c.data.synthetic
+  _require(s.kind in SYNTHETIC_KINDS, "data.synthetic.kind",
+           f"must be one of {SYNTHETIC_KINDS}, got {s.kind!r}")
+  for key in ("train_docs", "eval_docs"):
+    _positive_int(c, f"data.synthetic.{key}")
+  if s.kind == "world" and not c.data.dir:
+    _require(isinstance(s.entities, int) and 2 <= s.entities <= 128 ** 2, "data.synthetic.entities",
+             f"must be an integer in [2, {128 ** 2}] (two-syllable names), got {s.entities!r}")
+    _require(isinstance(s.zipf, (int, float)) and s.zipf >= 0, "data.synthetic.zipf",
+             f"must be a number >= 0, got {s.zipf!r}")
+    # A portrait is a 4x4 glyph scaled to the image.
+    _require(c.data.image_size % 4 == 0, "data.image_size",
+             f"must be a multiple of 4 for the world's portraits, got {c.data.image_size}")
+
+
 def _validate_attention(c):
   m = c.model
   _require(m.attention in ATTENTION_IMPLEMENTATIONS, "model.attention",
@@ -418,6 +439,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
            f"must be (low, high) with 0 < low <= high <= 1, got {lo_hi}")
   _require(0 <= d.augment.flip_prob <= 1, "data.augment.flip_prob",
            f"must be in [0, 1], got {d.augment.flip_prob}")
+  _validate_synthetic(c)
   weights = dict(d.mixture)
   _require(weights and all(isinstance(w, (int, float)) and w >= 0 for w in weights.values())
            and sum(weights.values()) > 0, "data.mixture",

@@ -1,5 +1,5 @@
 """Finding data on disk: a split's shards, shard globs, their documents, the tokenizer beside
-them, and a run's data folder (data.dir, or the embedded shapes data under WORKDIR/data).
+them, and a run's data folder (data.dir, or the embedded data under WORKDIR/data).
 
 A data folder is  DIR/<source>/{train,eval}-*.array_record  with a tokenizer file in DIR.
 """
@@ -94,23 +94,24 @@ def find_tokenizer(shard_paths: list) -> str:
 
 def run_data_folder(config, workdir: str) -> str:
   """Where a run reads its shards: data.dir (its local copy when it is in a bucket), or
-  WORKDIR/data, the embedded shapes data (in the local cache when the workdir is in a bucket).
-  Reads nothing: the folder may not exist yet (see `ensure_data_dir`)."""
+  WORKDIR/data, the embedded data (data.synthetic; in the local cache when the workdir is in a
+  bucket). Reads nothing: the folder may not exist yet (see `ensure_data_dir`)."""
   if config.data.dir:
     if storage.is_remote(config.data.dir):
       return storage.copy_location(config.data.dir, config.data.cache_dir)
     return config.data.dir
   if storage.is_remote(workdir):
     s = config.data.synthetic
+    world = f"world{s.entities}-zipf{s.zipf}-" if s.kind == "world" else ""
     return os.path.join(storage.cache_root(config.data.cache_dir), "embedded",
-                        f"docs{s.train_docs}-{s.eval_docs}-size{config.data.image_size}"
+                        f"{world}docs{s.train_docs}-{s.eval_docs}-size{config.data.image_size}"
                         f"-seed{s.seed}")
   return os.path.join(workdir, "data")
 
 
 def ensure_data_dir(config, workdir: str) -> str:
   """The local shard folder: data.dir (which must exist; copied to data.cache_dir first when it
-  is in a bucket), or the embedded shapes data (`run_data_folder`), built first when it is not
+  is in a bucket), or the embedded data (`run_data_folder`), built first when it is not
   complete yet."""
   if config.data.dir:
     if storage.is_remote(config.data.dir):
@@ -122,7 +123,8 @@ def ensure_data_dir(config, workdir: str) -> str:
   directory = run_data_folder(config, workdir)
   s = config.data.synthetic
   writer.build_embedded_dataset(directory, train_docs=s.train_docs, eval_docs=s.eval_docs,
-                                image_size=config.data.image_size, seed=s.seed)
+                                image_size=config.data.image_size, seed=s.seed, kind=s.kind,
+                                entities=s.entities, zipf=s.zipf)
   return directory
 
 

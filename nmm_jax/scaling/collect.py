@@ -1,10 +1,12 @@
 """Collecting a runs table from training workdirs: N, D, C from the run's saved config and step
-(counted by flops.py), final held-out losses from its metrics.jsonl."""
+(counted by flops.py), final held-out losses from its metrics.jsonl, and on the embedded world
+data its entropy floor (the loss no model can beat)."""
 import json
 import os
 
 from nmm_jax import config as config_lib
 from nmm_jax import storage
+from nmm_jax.data import shards, world
 from nmm_jax.scaling import flops
 
 RUN_FILE = "sweep_run.json"
@@ -21,6 +23,17 @@ def final_eval(workdir: str, step: int | None = None):
   if step is not None:
     evals = [r for r in evals if r["step"] == step]
   return evals[-1] if evals else None
+
+
+def _entropy_floor(saved, workdir: str) -> dict:
+  """{"floor": ..., "floor/<source>": ...}: the generator's entropy per scored token, when the
+  run read the embedded world data (data/world.py); {} otherwise."""
+  directory = shards.run_data_folder(saved, workdir)
+  summary = None if storage.is_remote(directory) else world.read_entropy_file(directory)
+  if summary is None or not set(saved.data.mixture) <= set(summary):
+    return {}
+  floors = world.entropy_floor(summary, dict(saved.data.mixture))
+  return {k.replace("loss", "floor", 1): v for k, v in floors.items()}
 
 
 def collect_run(workdir: str) -> dict:
@@ -47,6 +60,7 @@ def collect_run(workdir: str) -> dict:
          "loss": record["eval/loss"], "run": os.path.basename(os.path.normpath(workdir)),
          "width": saved.model.d_model, "steps": step}
   row.update({k[len("eval/"):]: v for k, v in record.items() if k.startswith("eval/loss/")})
+  row.update(_entropy_floor(saved, workdir))
   planned = os.path.join(workdir, RUN_FILE)
   if os.path.isfile(planned):
     with open(planned) as f:

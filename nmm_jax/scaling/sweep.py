@@ -2,7 +2,8 @@
 
 For each (budget or token count, width) the family config is resized:
   d_model = width; heads = width / head_dim (head_dim fixed); kv heads and mlp_dim keep the
-  family's ratios (mlp_dim rounded to a multiple of 8);
+  family's ratios (mlp_dim rounded to a multiple of 8); a late-fusion encoder as wide as the
+  decoder is resized with it;
   steps = budget / (training FLOPs per step, from flops.py), or tokens / (batch * seq_len);
   learning-rate schedule as the paper trains its scaling runs: linear warmup over
   min(train.warmup_steps, 10% of the steps), constant, then a 1-sqrt cooldown over the last 20%
@@ -41,20 +42,33 @@ def resize(model, width: int) -> dict:
   if heads % kv_ratio:
     raise ValueError(f"width {width}: {heads} heads do not group into kv heads 1:{kv_ratio}")
   mlp_dim = max(8, round(width * model.mlp_dim / model.d_model / 8) * 8)
-  return {"model.d_model": width, "model.num_heads": heads,
-          "model.num_kv_heads": heads // kv_ratio, "model.mlp_dim": mlp_dim}
+  overrides = {"model.d_model": width, "model.num_heads": heads,
+               "model.num_kv_heads": heads // kv_ratio, "model.mlp_dim": mlp_dim}
+  if model.fusion == "late" and model.vision.d_model == model.d_model:
+    # An encoder as wide as the decoder stays so (the encoder's share of the parameters is
+    # kept): its heads of the decoder's head_dim, its MLP ratio kept.
+    v = model.vision
+    overrides.update({"model.vision.d_model": width, "model.vision.num_heads": heads,
+                      "model.vision.mlp_dim": max(8, round(width * v.mlp_dim / v.d_model / 8) * 8)})
+  return overrides
 
 
 def _resized_model(config, overrides):
   model = config.model.copy_and_resolve_references()
   for key, value in overrides.items():
-    model[key.split(".", 1)[1]] = value
+    node, (*parents, leaf) = model, key.split(".")[1:]
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
   return model
 
 
-def plan(config, widths, *, budgets=(), tokens=(), min_steps: int = 20) -> tuple:
+def plan(config, widths, *, budgets=(), tokens=(), min_steps: int = 20,
+         tokens_per_param=None) -> tuple:
   """(runs, skipped): one run per (budget or token count, width); `skipped` names the
-  combinations with fewer than `min_steps` steps."""
+  combinations with fewer than `min_steps` steps, or with D/N outside `tokens_per_param`
+  ((low, high), None for any): an isoFLOP study needs the widths around each budget's optimum,
+  and the far-overtrained small models cost the most time on a CPU."""
   if bool(budgets) == bool(tokens):
     raise ValueError("give FLOP budgets or token counts (not both)")
   batch, seq_len = config.train.batch_size, config.data.seq_len
@@ -71,6 +85,11 @@ def plan(config, widths, *, budgets=(), tokens=(), min_steps: int = 20) -> tuple
         skipped.append(f"{name}: {steps} steps < {min_steps}")
         continue
       counts = flops.param_counts(model)
+      ratio = steps * batch * seq_len / counts["matmul"]
+      if tokens_per_param and not tokens_per_param[0] <= ratio <= tokens_per_param[1]:
+        skipped.append(f"{name}: D/N {ratio:.3g} outside {tokens_per_param[0]:g}-"
+                       f"{tokens_per_param[1]:g}")
+        continue
       overrides = {**model_overrides, "train.steps": steps,
                    "train.warmup_steps": min(config.train.warmup_steps,
                                              max(1, int(MAX_WARMUP_FRACTION * steps))),

@@ -41,12 +41,24 @@ def default_budgets(C) -> list:
   return [float(10 ** k) for k in range(low, high + 1)]
 
 
+def entropy_floor(runs, target: str):
+  """The data's entropy floor for `target` ("loss" -> the "floor" column that `collect` writes
+  for the embedded world data), the mean over the runs; None without that column."""
+  column = target.replace("loss", "floor", 1)
+  values = [float(r[column]) for r in runs.get("rows", ())
+            if r.get(column) not in (None, "", "nan")]
+  return float(np.mean(values)) if values else None
+
+
 def fit_table(runs, *, bootstrap: int, budgets, workers: int, extrapolate: bool = True,
-              leave_one_out: bool = True, grid=None) -> dict:
+              leave_one_out: bool = True, grid=None, target: str = "loss") -> dict:
   """Everything `fit` reports, as one dict (`grid`: fit.GRID unless given). A check the table is
   too small for is reported as {"skipped": why}, not an error: the fit itself still stands."""
   law, objective = fit_lib.fit(runs["N"], runs["D"], runs["loss"], workers=workers, grid=grid)
   result = {**law.as_dict(), "objective": objective, "runs": int(len(runs["N"]))}
+  floor = entropy_floor(runs, target)
+  if floor is not None:
+    result["entropy_floor"] = floor
   if bootstrap:
     result["interval_95"] = fit_lib.bootstrap(runs["N"], runs["D"], runs["loss"], law,
                                               samples=bootstrap)
@@ -85,6 +97,9 @@ def format_result(r: dict, target: str) -> str:
   lines += [coef("E", ".4g"), coef("A", ".4g"), coef("B", ".4g"), coef("alpha", ".4f"),
             coef("beta", ".4f"),
             "compute-optimal: N* ~ C^a, D* ~ C^b", coef("a", ".4f"), coef("b", ".4f")]
+  if "entropy_floor" in r:
+    lines.append(f"  the data's entropy floor {r['entropy_floor']:.4f} (no model does better; "
+                 f"E estimates it)")
   lines += [f"  C {o['C']:.2e}: N* {o['N']:.3e}  D* {o['D']:.3e}  loss {o['loss']:.4f}"
             for o in r["optimal"]]
   if "frontier" in r:
@@ -123,7 +138,8 @@ def main(argv):
                    drop_highest=FLAGS.drop_highest)
   budgets = [float(b) for b in FLAGS.budgets] or default_budgets(runs["C"])
   result = fit_table(runs, bootstrap=FLAGS.bootstrap, budgets=budgets, workers=FLAGS.workers,
-                     extrapolate=FLAGS.extrapolate, leave_one_out=FLAGS.leave_one_out)
+                     extrapolate=FLAGS.extrapolate, leave_one_out=FLAGS.leave_one_out,
+                     target=FLAGS.target)
   print(format_result(result, FLAGS.target))
   if FLAGS.json:
     print(json.dumps(result))

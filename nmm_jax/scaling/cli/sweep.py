@@ -27,6 +27,8 @@ flags.DEFINE_list("budgets", [], "Training FLOP budgets, e.g. 1e12,3e12.")
 flags.DEFINE_list("tokens", [], "Or token counts per run (sizes x tokens grid).")
 flags.DEFINE_string("out", None, "Sweep folder: one workdir per run.")
 flags.DEFINE_integer("min_steps", 20, "Leave out runs shorter than this.")
+flags.DEFINE_list("tokens_per_param", [],
+                  "LOW,HIGH: leave out runs whose tokens per parameter (D/N) fall outside.")
 flags.DEFINE_bool("run", False, "Run the sweep here, one run after another.")
 flags.DEFINE_string("command_prefix", "", "Printed before each command (e.g. 'sbatch --wrap').")
 flags.mark_flags_as_required(["config", "widths", "out"])
@@ -42,13 +44,24 @@ def _config_overrides() -> list:
   return given + [f"--config.data.dir={sweep_lib.ensure_shared_data_dir(FLAGS.config, FLAGS.out)}"]
 
 
+def _tokens_per_param():
+  if not FLAGS.tokens_per_param:
+    return None
+  window = [float(v) for v in FLAGS.tokens_per_param]
+  if len(window) != 2 or not 0 <= window[0] <= window[1]:
+    raise ValueError(f"--tokens_per_param must be LOW,HIGH with 0 <= LOW <= HIGH, got "
+                     f"{','.join(FLAGS.tokens_per_param)}")
+  return tuple(window)
+
+
 def main(argv):
   del argv
   config_file = config_flags.get_config_filename(FLAGS["config"])
   runs, skipped = sweep_lib.plan(FLAGS.config, [int(w) for w in FLAGS.widths],
                                  budgets=[float(b) for b in FLAGS.budgets],
                                  tokens=[float(t) for t in FLAGS.tokens],
-                                 min_steps=FLAGS.min_steps)
+                                 min_steps=FLAGS.min_steps,
+                                 tokens_per_param=_tokens_per_param())
   for line in skipped:
     print(f"left out {line}", file=sys.stderr)
   if not runs:
