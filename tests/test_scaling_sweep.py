@@ -8,7 +8,9 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import config_module as conftest_module
 from conftest import load_config
+from nmm_jax.data import world
 from nmm_jax.scaling import flops, sweep
 from nmm_jax.scaling.fit import ScalingLaw
 from nmm_jax.scaling.table import write_runs
@@ -43,10 +45,28 @@ def test_plan_sizes_models_by_width_and_steps_by_budget():
     sweep.plan(config, [40], budgets=[1e12])
 
 
+def test_plan_window_of_tokens_per_parameter_and_late_encoders():
+  config = load_config("scaling_world")
+  runs, skipped = sweep.plan(config, [32, 64, 128], budgets=[1e12], tokens_per_param=(1, 100))
+  assert [r.name for r in runs] == ["C1e12_w32", "C1e12_w64"]
+  assert skipped == ["C1e12_w128: D/N 0.579 outside 1-100"]
+  assert all(1 <= r.D / r.N <= 100 for r in runs)
+  late = conftest_module("scaling_world").get_config("late")
+  (run,), _ = sweep.plan(late, [128], budgets=[1e13])
+  v = {k: run.overrides[f"model.vision.{k}"] for k in ("d_model", "num_heads", "mlp_dim")}
+  assert v == {"d_model": 128, "num_heads": 8, "mlp_dim": 512}  # as wide as the decoder
+  model = sweep._resized_model(late, run.overrides)
+  counts = flops.param_counts(model)
+  # The encoder's share of the matmul parameters stays about half (2 of 4 layers).
+  assert 0.4 < counts["vision_matmul"] / (counts["vision_matmul"] + counts["matmul"]) < 0.6
+
+
 def test_two_run_sweep_collect_and_plot(tmp_path):
   out = str(tmp_path / "sweep")
+  # On the embedded world data (the scaling study's), so the table carries its entropy floor.
   args = ["sweep", "--config=configs/tiny.py", "--widths=32,64", "--tokens=30720",
-          "--min_steps=10", f"--out={out}", "--config.eval.num_batches=1"]
+          "--min_steps=10", f"--out={out}", "--config.eval.num_batches=1",
+          "--config.data.synthetic.kind=world", "--config.model.vocab_size=176"]
   printed = nmm_scaling(*args)  # without --run: the plan and the commands
   assert printed.count("-m nmm_jax.train") == 2 and "--config.train.steps=30" in printed
   ran = nmm_scaling(*args, "--run")
@@ -62,13 +82,18 @@ def test_two_run_sweep_collect_and_plot(tmp_path):
   for width, heads in ((32, 2), (64, 4)):
     row = rows[f"D3.1e04_w{width}"]
     model = config.model.copy_and_resolve_references()
-    model.update(d_model=width, num_heads=heads, num_kv_heads=heads // 2, mlp_dim=2 * width)
+    model.update(d_model=width, num_heads=heads, num_kv_heads=heads // 2, mlp_dim=2 * width,
+                 vocab_size=176)
     assert int(row["N"]) == flops.param_counts(model)["matmul"]
     assert int(row["N_total"]) == flops.param_counts(model)["total"]
     assert int(row["D"]) == 30 * 8 * 128 and int(row["steps"]) == 30
     assert float(row["C"]) == pytest.approx(flops.train_flops_per_sequence(model, 128) * 240)
     for key in ("loss", "loss/caption", "loss/interleaved", "loss/text"):
-      assert 0 < float(row[key]) < 6, key
+      floor = float(row[key.replace("loss", "floor")])
+      assert 0.05 < floor < float(row[key]) < 6, key   # 30 steps: far above the floor
+  floors = world.entropy_floor(world.read_entropy_file(os.path.join(out, "data")),
+                               dict(config.data.mixture))
+  assert float(row["floor"]) == pytest.approx(floors["loss"])
 
   plots = str(tmp_path / "plots")
   printed = nmm_scaling("plot", f"--csv={table}", f"--out={plots}")
