@@ -10,10 +10,11 @@ For each (budget or token count, width) the family config is resized:
   (`inverse_sqrt`); one evaluation and one checkpoint, at the end.
 """
 import dataclasses
+import os
 import shlex
 import sys
 
-from nmm_jax.data import shards
+from nmm_jax.data import shards, writer
 from nmm_jax.scaling import flops
 
 COOLDOWN_FRACTION = 0.2
@@ -114,7 +115,13 @@ def shell_line(argv) -> str:
   return " ".join(shlex.quote(a) for a in argv)
 
 
-def ensure_shared_data_dir(config, out: str) -> str:
+def ensure_shared_data_dir(config, out: str, log=None) -> str:
   """The data folder every run of a sweep in `out` reads: the embedded data, built here once
-  (when missing) rather than once per run."""
+  (when missing) rather than once per run; `log` is told when it is built (minutes, for the
+  world data: about 3 for 300k documents per source)."""
+  directory = shards.run_data_folder(config, out)
+  if log and not os.path.exists(os.path.join(directory, writer.COMPLETE_MARKER)):
+    s = config.data.synthetic
+    log(f"building the embedded {s.kind} data ({s.train_docs:,} + {s.eval_docs:,} documents per "
+        f"source) in {directory} ...")
   return shards.ensure_data_dir(config, out)

@@ -18,7 +18,6 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
-from nmm_jax.data.writer import COMPLETE_MARKER
 from nmm_jax.scaling import sweep as sweep_lib
 from nmm_jax.scaling.collect import RUN_FILE, final_eval
 
@@ -42,12 +41,9 @@ def _config_overrides() -> list:
   given = [a for a in sys.argv[1:] if a.startswith("--config.")]
   if FLAGS.config.data.dir:
     return given
-  s = FLAGS.config.data.synthetic
-  if not os.path.exists(os.path.join(FLAGS.out, "data", COMPLETE_MARKER)):
-    # The world data takes minutes to build (about 3 for 300k documents per source).
-    print(f"building the embedded {s.kind} data ({s.train_docs:,} + {s.eval_docs:,} documents "
-          f"per source) in {os.path.join(FLAGS.out, 'data')} ...", flush=True)
-  return given + [f"--config.data.dir={sweep_lib.ensure_shared_data_dir(FLAGS.config, FLAGS.out)}"]
+  directory = sweep_lib.ensure_shared_data_dir(FLAGS.config, FLAGS.out,
+                                               log=lambda m: print(m, flush=True))
+  return given + [f"--config.data.dir={directory}"]
 
 
 def _tokens_per_param():
