@@ -10,7 +10,8 @@ three-compile estimate that the table marks "≥"). Compiled with the flag prese
 (train.xla_flags=auto). Rows are appended to --out as they finish, so an interrupted run
 continues where it stopped; docs/fit_table.jsonl holds the rows behind the README's table;
 --redo compiles cells again (e.g. --search=none cells, which have no max/chip yet), and the last
-row of a cell wins. The mesh shards parameters over as many chips
+row of a cell wins. Without --redo, a current (dated) row that lacks a max/chip keeps its compile
+at the paper's batch and gets the search only. The mesh shards parameters over as many chips
 as divide d_model (fsdp = gcd(chips, d_model)) and data-parallelises the rest.
 """
 import os
@@ -59,29 +60,43 @@ def config_for(spec, chips):
   return config
 
 
-def _done(path):
+def _rows(path):
+  """{(spec, topology): the cell's last row}."""
   if not os.path.exists(path):
-    return set()
+    return {}
   with open(path) as f:
-    return {(r["spec"], r["topology"]) for r in map(json.loads, filter(str.strip, f))}
+    return {(r["spec"], r["topology"]): r for r in map(json.loads, filter(str.strip, f))}
 
 
-def measure(spec, target, search):
+def _complete(row, search):
+  """Whether a cell's row needs no more compiles: current (dated), and with a max/chip unless
+  none is searched."""
+  return bool(row.get("compiled")) and (search == "none" or "max_per_chip_batch" in row)
+
+
+def measure(spec, target, search, previous=None):
+  """The cell's row. `previous`: a current row without a max/chip, whose compile at the paper's
+  batch the search starts from instead of compiling it again."""
   from nmm_jax.compile import report
   chips = len(target.devices)
   config = config_for(spec, chips)
   per_chip = max(1, PAPER_BATCH // chips)
-  at_paper = report.compile_step(config, target, per_chip)
-  row = {"spec": spec, "topology": target.name, "chips": chips, "mesh": at_paper["mesh"],
-         "paper_per_chip_batch": per_chip, "paper_peak_bytes": at_paper["peak_bytes"],
-         "paper_fits": at_paper["fits"], "hbm_bytes": target.hbm_bytes,
-         "compile_s": at_paper["compile_s"], "params": at_paper["params"],
-         "compiled": datetime.date.today().isoformat()}
+  if previous:
+    row = dict(previous)
+    at_paper = {"peak_bytes": row["paper_peak_bytes"], "fits": row["paper_fits"]}
+  else:
+    at_paper = report.compile_step(config, target, per_chip)
+    row = {"spec": spec, "topology": target.name, "chips": chips, "mesh": at_paper["mesh"],
+           "paper_per_chip_batch": per_chip, "paper_peak_bytes": at_paper["peak_bytes"],
+           "paper_fits": at_paper["fits"], "hbm_bytes": target.hbm_bytes,
+           "compile_s": at_paper["compile_s"], "params": at_paper["params"],
+           "compiled": datetime.date.today().isoformat()}
   if search != "none":
     best, r = report.max_per_chip_batch(config, target, known={per_chip: at_paper},
                                         log=lambda s: print(s, flush=True),
                                         exact=search == "exact")
-    row.update(max_per_chip_batch=best, max_peak_bytes=r["peak_bytes"] if best else None)
+    row.update(max_per_chip_batch=best, max_peak_bytes=r["peak_bytes"] if best else None,
+               max_compiled=datetime.date.today().isoformat())
     if search == "estimate":
       row["max_search"] = "estimate"
   return row
@@ -90,8 +105,7 @@ def measure(spec, target, search):
 def render(path):
   """One row per config; per topology: fits at batch 256 (and the per-chip peak there), the
   largest per-chip batch (and its peak), the compile time of one step."""
-  with open(path) as f:
-    rows = {(r["spec"], r["topology"]): r for r in map(json.loads, filter(str.strip, f))}
+  rows = _rows(path)
   topologies = list(dict.fromkeys(t for _, t in rows))
   header = ["config"]
   for t in topologies:
@@ -127,14 +141,15 @@ def main(argv):
   from absl import logging
   logging.set_verbosity(logging.WARNING)
   from nmm_jax.compile import topologies
-  done = set() if _REDO.value else _done(_OUT.value)
+  rows = {} if _REDO.value else _rows(_OUT.value)
   for name in _TOPOLOGIES.value:
     target = topologies.target(name)
     for spec in _SPECS.value or all_specs():
-      if (spec, name) in done:
+      row = rows.get((spec, name), {})
+      if _complete(row, _SEARCH.value):
         continue
       print(f"{spec} on {name}", flush=True)
-      row = measure(spec, target, _SEARCH.value)
+      row = measure(spec, target, _SEARCH.value, previous=row if row.get("compiled") else None)
       print(json.dumps(row), flush=True)
       with open(_OUT.value, "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -101,3 +101,20 @@ def test_where_the_compiler_reduces():
 def test_only_tpus_get_it_by_default(monkeypatch):
   monkeypatch.setattr(dense_lib, "EXPLICIT_PLATFORMS", ("tpu",))
   assert _plan_under(MESHES["fsdp8"]) is None
+
+
+def test_the_vision_side_reduce_scatters_too():
+  """Late fusion with cross-attention (the ViT, the connector and the gated cross-attention all
+  project through `dense`), fsdp=8: what stays all-reduced is the LM head's gradient and the
+  vectors (norms, biases, position embeddings, gates), under a tenth of the parameter bytes.
+  With the ViT and fusion layers multiplying by plain `@`, their weight gradients were
+  all-reduced too: about a third of the parameter bytes."""
+  from conftest import load_config
+  from nmm_jax.compile import report, topologies
+  from nmm_jax.config import with_values
+  config = with_values(load_config("late_default"), **{
+      "mesh.data": 1, "mesh.fsdp": 8, "model.vision_fusion": "internal_xattn",
+      "model.vision_layers": (0, 1, -1), "model.fusion_decoder_layers": (1, 2)})
+  r = report.compile_step(config, topologies.target("cpu-8"), 2)
+  all_reduced = sum(c["bytes"] for c in r["collectives"] if c["kind"] == "all-reduce")
+  assert all_reduced < 0.1 * r["params"] * 4, (all_reduced, r["params"])

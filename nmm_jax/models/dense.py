@@ -1,6 +1,7 @@
-"""The projections of the decoder's attention and MLP: x @ w for [B, L, I] activations, with
-FSDP's weight gradient reduce-scattered explicitly on TPU. (The ViT and the fusion layers still
-multiply with plain `@`.)
+"""The model's dense projections, x @ w for [B, L, I] activations (the decoder's attention and
+dense MLP, the ViT, the connector, the fusion layers, early fusion's patch projection; not the
+LM head, which train/loss.py fuses with the loss, nor the MoE experts' grouped matmuls), with
+FSDP's weight gradient reduce-scattered explicitly on TPU.
 
 Under FSDP a weight is split along one dimension over mesh axes that also split the batch. Its
 gradient is a sum over every device's tokens, and each device keeps only its slice of it: a

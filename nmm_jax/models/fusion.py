@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nmm_jax.config import vision_layer_plan
+from nmm_jax.models.dense import dense
 from nmm_jax.models.layers import fan_in_init, make_param
 from nmm_jax.models.vision import MLP, LayerNorm, VisionEncoder
 
@@ -94,19 +95,19 @@ class GatedCrossAttention(nnx.Module):
 
   def __call__(self, x_BxLxD, features_BxMxW, mask_Bx1xLxM, any_BxLx1):
     b, l, d = x_BxLxD.shape
-    m, w = features_BxMxW.shape[1:]
+    m = features_BxMxW.shape[1]
     h, e = self.heads, d // self.heads
-    q_BxLxHxE = (self.norm(x_BxLxD).reshape(b * l, d) @ self.w_q_DxHE[...].astype(x_BxLxD.dtype)
-                 ).reshape(b, l, h, e)
-    kv = (features_BxMxW.reshape(b * m, w) @ self.w_kv_Wx2HE[...].astype(x_BxLxD.dtype))
+    q_BxLxHxE = dense(self.norm(x_BxLxD), self.w_q_DxHE[...].astype(x_BxLxD.dtype),
+                      ("embed", "mlp")).reshape(b, l, h, e)
+    kv = dense(features_BxMxW, self.w_kv_Wx2HE[...].astype(x_BxLxD.dtype), (None, "mlp"))
     k_BxMxHxE, v_BxMxHxE = jnp.split(kv.reshape(b, m, 2 * h, e), 2, axis=2)
     logits_BxHxLxM = jnp.einsum("blhe,bmhe->bhlm", q_BxLxHxE * e ** -0.5, k_BxMxHxE,
                                 preferred_element_type=jnp.float32)
     logits_BxHxLxM = jnp.where(mask_Bx1xLxM, logits_BxHxLxM, _MASKED)
     weights = jax.nn.softmax(logits_BxHxLxM, axis=-1).astype(x_BxLxD.dtype)
     out_BxLxHxE = jnp.einsum("bhlm,bmhe->blhe", weights, v_BxMxHxE)
-    out_BxLxD = (out_BxLxHxE.reshape(b * l, d) @ self.w_o_HExD[...].astype(x_BxLxD.dtype)
-                 ).reshape(b, l, d)
+    out_BxLxD = dense(out_BxLxHxE.reshape(b, l, d), self.w_o_HExD[...].astype(x_BxLxD.dtype),
+                      ("mlp", "embed"))
     # A token with no image before it in its document attends to nothing: no update at all.
     out_BxLxD = jnp.where(any_BxLx1, out_BxLxD, 0)
     return x_BxLxD + jnp.tanh(self.gate[...].astype(x_BxLxD.dtype)) * out_BxLxD
@@ -155,9 +156,9 @@ class EarlyFusion(FrontEnd):
     if "images" not in batch:  # text-only batches (benchmarks, text evaluation)
       return None
     patches_BxIxPxC = patchify(batch["images"], self.patch_size).astype(self.compute_dtype)
-    b, i, p, _ = patches_BxIxPxC.shape
-    return jnp.einsum("bipc,cd->bipd", patches_BxIxPxC,
-                      model.patch_proj_PxD[...].astype(self.compute_dtype)).reshape(b, i * p, -1)
+    b, i, p, c = patches_BxIxPxC.shape
+    return dense(patches_BxIxPxC.reshape(b, i * p, c),
+                 model.patch_proj_PxD[...].astype(self.compute_dtype), (None, "embed"))
 
   def embed(self, model, x_BxLxD, batch, images):
     return x_BxLxD if images is None else _at_image_positions(x_BxLxD, images, batch)

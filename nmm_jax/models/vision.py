@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nmm_jax import sharding
+from nmm_jax.models.dense import dense
 from nmm_jax.models.layers import REMAT_POLICIES, RESIDUAL, fan_in_init, make_param, stacked
 
 
@@ -37,10 +38,12 @@ class MLP(nnx.Module):
                                 param_dtype)
 
   def __call__(self, x):
-    lead, c = x.shape[:-1], x.shape[-1]
-    h = jax.nn.gelu(x.reshape(-1, c) @ self.w_in_CxF[...].astype(x.dtype))
-    h = sharding.constrain(h, ("batch", "activation_mlp"))
-    return (h @ self.w_out_FxD[...].astype(x.dtype)).reshape(*lead, -1)
+    # Its inputs lead with images or sequences (split over the batch axes), then patches.
+    x_BxTxC = x.reshape(x.shape[0], -1, x.shape[-1])
+    h_BxTxF = jax.nn.gelu(dense(x_BxTxC, self.w_in_CxF[...].astype(x.dtype), ("embed", "mlp")))
+    h_BxTxF = sharding.constrain(h_BxTxF, ("batch", None, "activation_mlp"))
+    out_BxTxD = dense(h_BxTxF, self.w_out_FxD[...].astype(x.dtype), ("mlp", "embed"))
+    return out_BxTxD.reshape(*x.shape[:-1], -1)
 
 
 class VisionAttention(nnx.Module):
@@ -56,14 +59,14 @@ class VisionAttention(nnx.Module):
   def __call__(self, x_NxPxW, key_mask_NxP=None):
     n, p, w = x_NxPxW.shape
     h, e = self.heads, w // self.heads
-    qkv = (x_NxPxW.reshape(n * p, w) @ self.w_qkv_Wx3HE[...].astype(x_NxPxW.dtype))
+    qkv = dense(x_NxPxW, self.w_qkv_Wx3HE[...].astype(x_NxPxW.dtype), ("embed", "mlp"))
     q_NxPxHxE, k_NxPxHxE, v_NxPxHxE = jnp.split(qkv.reshape(n, p, 3 * h, e), 3, axis=2)
     logits_NxHxPxP = jnp.einsum("nphe,nqhe->nhpq", q_NxPxHxE * e ** -0.5, k_NxPxHxE,
                                 preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(logits_NxHxPxP, axis=-1).astype(x_NxPxW.dtype)
     out_NxPxHxE = jnp.einsum("nhpq,nqhe->nphe", weights, v_NxPxHxE)
-    return (out_NxPxHxE.reshape(n * p, w) @ self.w_o_HExW[...].astype(x_NxPxW.dtype)
-            ).reshape(n, p, w)
+    return dense(out_NxPxHxE.reshape(n, p, w), self.w_o_HExW[...].astype(x_NxPxW.dtype),
+                 ("mlp", "embed"))
 
 
 class VisionBlock(nnx.Module):
@@ -97,9 +100,8 @@ class VisionEncoder(nnx.Module):
         v.num_layers, lambda r: VisionBlock(v, eps=eps, param_dtype=param_dtype, rngs=r), rngs)
 
   def __call__(self, patches_NxPxC):
-    n, p, c = patches_NxPxC.shape
-    x_NxPxW = (patches_NxPxC.reshape(n * p, c) @ self.patch_embed_CxW[...].astype(
-        patches_NxPxC.dtype)).reshape(n, p, -1)
+    x_NxPxW = dense(patches_NxPxC, self.patch_embed_CxW[...].astype(patches_NxPxC.dtype),
+                    (None, "embed"))
     x_NxPxW = self.pre_norm(x_NxPxW + self.pos_embed_PxW[...].astype(x_NxPxW.dtype))
 
     def apply_block(x, block):
