@@ -138,10 +138,12 @@ def max_per_chip_batch(config, target, limit: int = 4096, log=print, known=None,
   Peak memory is close to affine in the batch, so two compiles (1 and another size: one in
   `known`, {per-chip batch: report} already compiled, or 2) predict the answer; a compile at the
   prediction and galloping from it bracket the answer, and bisection settles it. Not `exact`:
-  the prediction is compiled and lowered 10% at a time until it fits, and that batch is
-  returned, a lower bound in about three compiles (XLA:GPU rematerialises more near the top of
-  HBM, so there the prediction falls short: early-275m on h100-8 gives 487, where bisection
-  without the flag preset found 567)."""
+  the prediction is compiled and, while it does not fit, predicted again from batch 1 and the
+  failure (at least 10% lower each time); the first batch that fits is returned, a lower bound
+  in three or four compiles (XLA:GPU rematerialises more near the top of HBM, so there the
+  prediction falls short: early-275m on h100-8 gives 487, where bisection without the flag
+  preset found 567; on TPU the peak grows faster near the top, and the first prediction
+  overshoots)."""
   reports = dict(known or {})
 
   def fits(b):
@@ -168,7 +170,11 @@ def max_per_chip_batch(config, target, limit: int = 4096, log=print, known=None,
   if not exact:
     guess = min(max(guess, 1), limit)
     while not fits(guess) and guess > 1:
-      guess = max(int(guess * 0.9), 1)
+      # The line through batch 1 and this failure predicts again (peak grows faster than the
+      # first line near the top of HBM); at least 10% lower each time.
+      slope = (reports[guess]["peak_bytes"] - reports[1]["peak_bytes"]) / (guess - 1)
+      again = int((target.hbm_bytes - reports[1]["peak_bytes"]) // slope) + 1
+      guess = max(min(again, int(guess * 0.9)), 1)
     lo, _ = bracket()
     return lo, reports[lo]
   lo, hi = bracket()
