@@ -33,9 +33,10 @@ _TOPOLOGIES = flags.DEFINE_list("topologies", ["v5p-64", "v6e-256", "h100-8"], "
 _SPECS = flags.DEFINE_list("specs", None, "FILE:MEMBER cells (default: every member).")
 _SEARCH = flags.DEFINE_enum("search", "exact", ["exact", "estimate", "none"],
                             "How the largest per-chip batch is found: exact (bisection to the "
-                            "last batch), estimate (three compiles: the affine prediction from "
-                            "two, then the prediction itself, predicted again from each failure "
-                            "until it fits: a lower bound, a batch that fits), none.")
+                            "last batch), estimate (three or more compiles: the affine "
+                            "prediction from two, then the prediction itself, predicted again "
+                            "from each failure until it fits: a lower bound, a batch that fits), "
+                            "none.")
 _RENDER = flags.DEFINE_bool("render", False, "Print the Markdown table of --out and exit.")
 _REDO = flags.DEFINE_bool("redo", False, "Compile cells that --out already has, again.")
 
