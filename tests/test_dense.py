@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import load_config
 from nmm_jax import sharding
-from nmm_jax.compile import hlo
+from nmm_jax.compile import hlo, report, topologies
+from nmm_jax.config import with_values
 from nmm_jax.models import dense as dense_lib
 
 B, L, I, O = 8, 16, 64, 96
@@ -109,9 +111,6 @@ def test_the_vision_side_reduce_scatters_too():
   vectors (norms, biases, position embeddings, gates), under a tenth of the parameter bytes.
   With the ViT and fusion layers multiplying by plain `@`, their weight gradients were
   all-reduced too: about a third of the parameter bytes."""
-  from conftest import load_config
-  from nmm_jax.compile import report, topologies
-  from nmm_jax.config import with_values
   config = with_values(load_config("late_default"), **{
       "mesh.data": 1, "mesh.fsdp": 8, "model.vision_fusion": "internal_xattn",
       "model.vision_layers": (0, 1, -1), "model.fusion_decoder_layers": (1, 2)})
