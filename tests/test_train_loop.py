@@ -82,6 +82,28 @@ def test_outputs_written(straight_run):
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "20", part)), part
 
 
+def test_metrics_writer_leaves_torch_alone(tmp_path):
+  """tensorboardX imports torch when it can (2 s of every run's start, for torch tensors the
+  run never logs): the writer is imported without it, and still writes its events."""
+  script = ("import sys; from nmm_jax.train.metrics import MetricsWriter; "
+            f"w = MetricsWriter({str(tmp_path)!r}); w.write(1, {{'loss': 2.5}}); w.close(); "
+            "print('torch' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=120, stdin=subprocess.DEVNULL)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "False"
+  (events,) = glob.glob(os.path.join(tmp_path, "tb", "events.out.tfevents.*"))
+  from tensorboardX.proto.event_pb2 import Event
+  with open(events, "rb") as f:
+    data, scalars = f.read(), {}
+  while data:  # TFRecord frames: length (8 bytes), its CRC (4), the event, the event's CRC (4)
+    length = int.from_bytes(data[:8], "little")
+    event = Event.FromString(data[12:12 + length])
+    scalars.update({(event.step, v.tag): v.simple_value for v in event.summary.value})
+    data = data[16 + length:]
+  assert scalars == {(1, "loss"): 2.5}
+
+
 def test_resume_with_another_worker_count_fails_clearly(tmp_path, straight_run,
                                                        shapes_data_dir):
   import shutil

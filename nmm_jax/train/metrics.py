@@ -2,6 +2,7 @@
 and the writer to DIR/metrics.jsonl and TensorBoard (DIR/tb/); only process 0 writes."""
 import contextlib
 import json
+import sys
 import time
 
 import jax
@@ -11,6 +12,21 @@ from nmm_jax import hardware, storage
 from nmm_jax.data.stages import sum_over_processes
 from nmm_jax.scaling import flops
 from nmm_jax.train.loss import losses_from_sums
+
+
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without torch. tensorboardX imports torch whenever
+  it is installed, only to accept torch tensors, and that took 2 s of every run's start; the
+  run logs floats."""
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # makes `import torch` raise ImportError, as if not installed
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
 
 
 class StepWindow:
@@ -88,7 +104,7 @@ class MetricsWriter:
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
-    from tensorboardX import SummaryWriter  # imported here: other processes never need it
+    SummaryWriter = _summary_writer_class()  # imported here: other processes never need it
     self.log = storage.LineLog(storage.join(workdir, "metrics.jsonl"))
     self._drop_steps_after(resume_step)
     # In a bucket the event file is written locally and uploaded whole on each flush:
