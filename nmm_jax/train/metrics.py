@@ -18,14 +18,14 @@ def _summary_writer_class():
   """tensorboardX's SummaryWriter, imported without torch. tensorboardX imports torch whenever
   it is installed, only to accept torch tensors, and that took 2 s of every run's start; the
   run logs floats."""
-  if "torch" in sys.modules:
-    from tensorboardX import SummaryWriter
-    return SummaryWriter
-  sys.modules["torch"] = None  # makes `import torch` raise ImportError, as if not installed
+  mask = "torch" not in sys.modules  # a torch already loaded is left alone
+  if mask:
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError, as if not installed
   try:
     from tensorboardX import SummaryWriter
   finally:
-    del sys.modules["torch"]
+    if mask:
+      del sys.modules["torch"]
   return SummaryWriter
 
 
