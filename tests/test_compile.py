@@ -126,6 +126,16 @@ def test_collectives_count_loop_trips():
   %p = (s32[], f32[4]) parameter(0)
   %ag = f32[16]{0} all-gather(f32[4]{0} %x), dimensions={0}
   %ars = (f32[8]{0}, f32[8]{0}) all-reduce-start(f32[8]{0} %y), to_apply=%add
+  %start = (bf16[2,8]{1,0}, bf16[8,8]{1,0}) fusion(%q), kind=kCustom, calls=%chain_start
+  %done = bf16[8,8]{1,0} fusion(%start), kind=kCustom, calls=%chain_done
+}
+
+%chain_start (q: bf16[2,8]) -> (bf16[2,8], bf16[8,8]) {
+  %ag.1 = bf16[8,8]{1,0} all-gather(%q), channel_id=4, frontend_attributes={chain_id="0"}
+}
+
+%chain_done (s: (bf16[2,8], bf16[8,8])) -> bf16[8,8] {
+  %ag.2 = bf16[8,8]{1,0} all-gather(%q2), channel_id=4, frontend_attributes={chain_id="0"}
 }
 
 %cond (p: (s32[], f32[4])) -> pred[] {
@@ -151,9 +161,11 @@ ENTRY %main (a: f32[4]) -> f32[4] {
 }
 """
   got = {c["kind"]: c for c in hlo.collectives(text)}
-  # A fusion restating an async collective (TPU preset) is not a second gather.
-  assert got["all-gather"] == {"kind": "all-gather", "count": 1, "executed": 6, "bytes": 6 * 64,
-                               "dtypes": {"f32": 6 * 64}}
+  # A fusion restating an async collective (TPU preset) is not a second gather, nor is each
+  # later link of a chain (one channel, one chain_id: the preset's start/continuation/done).
+  assert got["all-gather"] == {"kind": "all-gather", "count": 2, "executed": 12,
+                               "bytes": 6 * 64 + 6 * 128,
+                               "dtypes": {"f32": 6 * 64, "bf16": 6 * 128}}
   assert got["all-reduce"] == {"kind": "all-reduce", "count": 1, "executed": 6, "bytes": 6 * 32,
                                "dtypes": {"f32": 6 * 32}}
   # libtpu's reduce-scatter (a fusion calling an all-reduce-scatter computation) counts once,
