@@ -21,6 +21,25 @@ import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402
 
 
+def pytest_xdist_make_scheduler(config, log):
+  """With -n (xdist's `load`), the tests of a module with a module-scoped fixture (a training
+  run, a TPU compile) run on one worker, other tests wherever a worker is free: spread over
+  two workers, each built the fixture again. (`--dist loadgroup` would say this with markers,
+  but xdist 3.8 cannot rename pytest 9's node ids.)"""
+  if config.getoption("dist") != "load":
+    return None
+  from xdist.scheduler import LoadScopeScheduling
+  tests = os.path.dirname(__file__)
+  shared = {f"tests/{name}" for name in os.listdir(tests) if name.startswith("test_")
+            and 'scope="module"' in open(os.path.join(tests, name)).read()}
+
+  class ModuleFixtureScheduling(LoadScopeScheduling):
+    def _split_scope(self, nodeid):
+      module = nodeid.split("::", 1)[0]
+      return module if module in shared else nodeid
+  return ModuleFixtureScheduling(config, log)
+
+
 def config_module(name: str):
   """The module of configs/NAME.py."""
   import importlib.util
