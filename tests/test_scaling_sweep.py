@@ -1,7 +1,9 @@
 """nmm-scaling end to end: plan a sweep, run 2 real training runs, collect them into a table
 whose N, D, C are the counted ones, plot; and the plots with a fitted law."""
 import csv
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +14,7 @@ from conftest import config_module as conftest_module
 from conftest import load_config
 from nmm_jax.data import world
 from nmm_jax.scaling import flops, sweep
+from nmm_jax.scaling.collect import average_seeds
 from nmm_jax.scaling.fit import ScalingLaw
 from nmm_jax.scaling.table import write_runs
 
@@ -61,6 +64,31 @@ def test_plan_window_of_tokens_per_parameter_and_late_encoders():
   assert 0.4 < counts["vision_matmul"] / (counts["vision_matmul"] + counts["matmul"]) < 0.6
 
 
+def test_seeds_are_replicates_and_collect_averages_them():
+  config = load_config("scaling_world")
+  runs, _ = sweep.plan(config, [32], budgets=[1e12], seeds=3)
+  assert [r.name for r in runs] == ["C1e12_w32_s0", "C1e12_w32_s1", "C1e12_w32_s2"]
+  assert [r.overrides["train.seed"] for r in runs] == [config.train.seed + k for k in range(3)]
+  assert len({(r.N, r.D, r.steps, r.C) for r in runs}) == 1
+  (single,), _ = sweep.plan(config, [32], budgets=[1e12])
+  assert single.name == "C1e12_w32" and "train.seed" not in single.overrides
+  with pytest.raises(ValueError, match="seeds must be at least 1"):
+    sweep.plan(config, [32], budgets=[1e12], seeds=0)
+
+  row = {"N": 100, "D": 1000, "steps": 10, "C": 6e5}
+  rows = [dict(row, run="C1_w32_s0", seed=0, loss=1.0, **{"loss/text": 2.0}),
+          dict(row, run="C1_w32_s1", seed=1, loss=1.2, **{"loss/text": 2.4}),
+          dict(row, run="C1_w64", seed=0, N=400, loss=0.9, **{"loss/text": 1.8})]
+  averaged = {r["run"]: r for r in average_seeds(rows)}
+  assert averaged["C1_w32"]["loss"] == pytest.approx(1.1)
+  assert averaged["C1_w32"]["loss/text"] == pytest.approx(2.2)
+  assert averaged["C1_w32"]["loss_sd"] == pytest.approx(np.std([1.0, 1.2], ddof=1))
+  assert averaged["C1_w32"]["seeds"] == 2 and "seed" not in averaged["C1_w32"]
+  assert averaged["C1_w64"] == dict(rows[2], seeds=1)
+  with pytest.raises(ValueError, match="not seeds of one run"):
+    average_seeds([rows[0], dict(rows[1], steps=11)])
+
+
 def test_two_run_sweep_collect_and_plot(tmp_path):
   out = str(tmp_path / "sweep")
   # On the embedded world data (the scaling study's), so the table carries its entropy floor.
@@ -94,6 +122,24 @@ def test_two_run_sweep_collect_and_plot(tmp_path):
   floors = world.entropy_floor(world.read_entropy_file(os.path.join(out, "data")),
                                dict(config.data.mixture))
   assert float(row["floor"]) == pytest.approx(floors["loss"])
+  assert row["seed"] == "0" and row["seeds"] == "1"
+
+  # Two seeds of one run (copies of a finished run, the second's held-out loss raised by 0.1):
+  # collect writes one row, their mean, with their spread.
+  seeds = tmp_path / "seeds"
+  for k in (0, 1):
+    shutil.copytree(os.path.join(out, "D3.1e04_w32"), seeds / f"D3.1e04_w32_s{k}")
+  metrics = seeds / "D3.1e04_w32_s1" / "metrics.jsonl"
+  records = [json.loads(line) for line in metrics.read_text().splitlines()]
+  records[-1]["eval/loss"] += 0.1
+  metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+  printed = nmm_scaling("collect", str(seeds / "*"), f"--out={tmp_path / 'seeds.csv'}")
+  assert "1 rows from 2 runs" in printed and "mean of 2 seeds" in printed
+  with open(tmp_path / "seeds.csv") as f:
+    (averaged,) = list(csv.DictReader(f))
+  assert averaged["run"] == "D3.1e04_w32" and averaged["seeds"] == "2"
+  assert float(averaged["loss"]) == pytest.approx(float(rows["D3.1e04_w32"]["loss"]) + 0.05)
+  assert float(averaged["loss_sd"]) == pytest.approx(0.1 / 2 ** 0.5)
 
   plots = str(tmp_path / "plots")
   printed = nmm_scaling("plot", f"--csv={table}", f"--out={plots}")

@@ -1,8 +1,12 @@
 """Collecting a runs table from training workdirs: N, D, C from the run's saved config and step
 (counted by flops.py), final held-out losses from its metrics.jsonl, and on the embedded world
-data its entropy floor (the loss no model can beat)."""
+data its entropy floor (the loss no model can beat). Runs of one size and length trained with
+several seeds (a sweep's --seeds) become one row, their mean (average_seeds)."""
 import json
 import os
+import re
+
+import numpy as np
 
 from nmm_jax import config as config_lib
 from nmm_jax import storage
@@ -58,7 +62,7 @@ def collect_run(workdir: str) -> dict:
          "C": flops.train_flops_per_sequence(saved.model, saved.data.seq_len,
                                              saved.data.max_images) * sequences,
          "loss": record["eval/loss"], "run": os.path.basename(os.path.normpath(workdir)),
-         "width": saved.model.d_model, "steps": step}
+         "width": saved.model.d_model, "steps": step, "seed": saved.train.seed}
   row.update({k[len("eval/"):]: v for k, v in record.items() if k.startswith("eval/loss/")})
   row.update(_entropy_floor(saved, workdir))
   planned = os.path.join(workdir, RUN_FILE)
@@ -66,3 +70,34 @@ def collect_run(workdir: str) -> dict:
     with open(planned) as f:
       row["budget"] = json.load(f)["budget"]
   return row
+
+
+_REPLICATE = re.compile(r"_s\d+$")
+
+
+def average_seeds(rows: list) -> list:
+  """One row per group of seed replicates (runs named NAME_s0, NAME_s1, ...: a sweep's
+  --seeds): loss and loss/<source> averaged, `loss_sd` the replicates' standard deviation
+  (ddof 1), `seeds` how many; run NAME. Other rows pass through with seeds 1. A group whose
+  N, D or steps differ is refused: those are not replicates of one run."""
+  groups = {}
+  for row in rows:
+    groups.setdefault(_REPLICATE.sub("", row["run"]), []).append(row)
+  out = []
+  for name, members in groups.items():
+    shape = {(m["N"], m["D"], m["steps"]) for m in members}
+    if len(shape) > 1:
+      raise ValueError(f"runs {', '.join(m['run'] for m in members)} differ in N, D or "
+                       "steps: they are not seeds of one run")
+    if len(members) == 1 and members[0]["run"] == name:
+      out.append(dict(members[0], seeds=1))
+      continue
+    averaged = dict(members[0], run=name, seeds=len(members))
+    averaged.pop("seed", None)
+    losses = [k for k in members[0] if k == "loss" or k.startswith("loss/")]
+    for key in losses:
+      averaged[key] = float(np.mean([m[key] for m in members]))
+    if len(members) > 1:
+      averaged["loss_sd"] = float(np.std([m["loss"] for m in members], ddof=1))
+    out.append(averaged)
+  return out

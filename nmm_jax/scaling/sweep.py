@@ -8,6 +8,8 @@ For each (budget or token count, width) the family config is resized:
   learning-rate schedule as the paper trains its scaling runs: linear warmup over
   min(train.warmup_steps, 10% of the steps), constant, then a 1-sqrt cooldown over the last 20%
   (`inverse_sqrt`); one evaluation and one checkpoint, at the end.
+With `seeds` > 1, each of them is run that many times (runs NAME_s0, NAME_s1, ...: train.seed
+the family's plus 0, 1, ...); `nmm-scaling collect` averages them (collect.average_seeds).
 """
 import dataclasses
 import os
@@ -65,13 +67,15 @@ def _resized_model(config, overrides):
 
 
 def plan(config, widths, *, budgets=(), tokens=(), min_steps: int = 20,
-         tokens_per_param=None) -> tuple:
+         tokens_per_param=None, seeds: int = 1) -> tuple:
   """(runs, skipped): one run per (budget or token count, width); `skipped` names the
   combinations with fewer than `min_steps` steps, or with D/N outside `tokens_per_param`
   ((low, high), None for any): an isoFLOP study needs the widths around each budget's optimum,
   and the far-overtrained small models cost the most time on a CPU."""
   if bool(budgets) == bool(tokens):
     raise ValueError("give FLOP budgets or token counts (not both)")
+  if seeds < 1:
+    raise ValueError(f"seeds must be at least 1, got {seeds}")
   batch, seq_len = config.train.batch_size, config.data.seq_len
   runs, skipped = [], []
   for amount in (budgets or tokens):
@@ -98,9 +102,13 @@ def plan(config, widths, *, budgets=(), tokens=(), min_steps: int = 20,
                    "train.cooldown_fraction": COOLDOWN_FRACTION,
                    "eval.every_steps": steps, "checkpoint.every_steps": steps,
                    "checkpoint.keep": 1}
-      runs.append(PlannedRun(name, width, steps, float(amount) if budgets else 0.0,
-                             counts["matmul"], counts["total"], steps * batch * seq_len,
-                             step_flops * steps, overrides))
+      for seed in range(seeds):
+        # One seed keeps the run's plain name (and the family's train.seed).
+        replicate = {"train.seed": config.train.seed + seed} if seeds > 1 else {}
+        runs.append(PlannedRun(f"{name}_s{seed}" if seeds > 1 else name, width, steps,
+                               float(amount) if budgets else 0.0, counts["matmul"],
+                               counts["total"], steps * batch * seq_len, step_flops * steps,
+                               {**overrides, **replicate}))
   return runs, skipped
 
 

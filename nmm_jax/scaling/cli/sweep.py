@@ -29,6 +29,9 @@ flags.DEFINE_string("out", None, "Sweep folder: one workdir per run.")
 flags.DEFINE_integer("min_steps", 20, "Leave out runs shorter than this.")
 flags.DEFINE_list("tokens_per_param", [],
                   "LOW,HIGH: leave out runs whose tokens per parameter (D/N) fall outside.")
+flags.DEFINE_integer("seeds", 1, "Train each run with this many seeds (NAME_s0, NAME_s1, ...; "
+                     "collect averages them): one small run's loss varies by several percent "
+                     "from seed to seed.")
 flags.DEFINE_bool("run", False, "Run the sweep here, one run after another.")
 flags.DEFINE_string("command_prefix", "", "Printed before each command (e.g. 'sbatch --wrap').")
 flags.mark_flags_as_required(["config", "widths", "out"])
@@ -63,7 +66,7 @@ def main(argv):
                                  budgets=[float(b) for b in FLAGS.budgets],
                                  tokens=[float(t) for t in FLAGS.tokens],
                                  min_steps=FLAGS.min_steps,
-                                 tokens_per_param=_tokens_per_param())
+                                 tokens_per_param=_tokens_per_param(), seeds=FLAGS.seeds)
   for line in skipped:
     print(f"left out {line}", file=sys.stderr)
   if not runs:
