@@ -118,7 +118,9 @@ def test_fit_report_says_how_well_the_law_predicts():
   result = fit_table(runs, bootstrap=0, budgets=[1e19], workers=1, grid=SMALL_GRID)
   assert result["extrapolation"]["max_abs_error"] < 0.01
   assert result["leave_one_out"]["max_abs_error"] < 0.01
+  assert result["residuals"]["max_abs_error"] < 0.005 and "seed_sd" not in result["residuals"]
   text = format_result(result, "loss")
+  assert "fitted runs: mean |error|" in text and "seed-to-seed" not in text
   assert "held-out extrapolation: fitted on the 18 runs below 1e+18 FLOPs" in text
   assert "leave-one-out: mean |error|" in text
   # 3 runs of the smallest budget and the 6 of the largest: too few to fit below the largest,
@@ -128,3 +130,9 @@ def test_fit_report_says_how_well_the_law_predicts():
                                  grid=SMALL_GRID), "loss")
   assert "held-out extrapolation: skipped (only 3 runs below the largest budget" in text
   assert "leave-one-out: mean |error|" in text
+  # Rows that average seeds (collect) put their spread beside the law's errors.
+  noisy = dict(runs, rows=[{"loss": str(v), "loss_sd": str(0.02 * v)} for v in L])
+  result = fit_table(noisy, bootstrap=0, budgets=[1e19], workers=1, grid=SMALL_GRID,
+                     extrapolate=False, leave_one_out=False)
+  assert result["residuals"]["seed_sd"] == pytest.approx(0.02)
+  assert "(one run's seed-to-seed spread: 2.00%)" in format_result(result, "loss")

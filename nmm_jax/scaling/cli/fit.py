@@ -3,7 +3,8 @@
   nmm-scaling fit --csv=runs.csv [--target=loss/caption] [--bootstrap=100] [--json]
 
 Prints the coefficients with bootstrap intervals, the compute-optimal exponents a, b and
-N*, D* at some budgets, the L(C) power law on the lowest-loss frontier, and how well the law
+N*, D* at some budgets, the L(C) power law on the lowest-loss frontier, the law's errors on its
+own runs (beside their seed-to-seed spread, when collect averaged seeds), and how well the law
 predicts runs it was not fitted on (scaling/validation.py): the largest budget's runs from a fit
 on the smaller budgets, and each run from a fit without it. With --json the last line is one
 JSON object with all of it.
@@ -50,12 +51,31 @@ def entropy_floor(runs, target: str):
   return float(np.mean(values)) if values else None
 
 
+def seed_noise(runs, target: str):
+  """The runs' own noise, when `collect` averaged seeds: the mean over those rows of
+  loss_sd / loss (the spread of one run, relative); None otherwise (or for a per-source
+  target, whose spread collect does not record)."""
+  if target != "loss":
+    return None
+  values = [float(r["loss_sd"]) / float(r["loss"]) for r in runs.get("rows", ())
+            if r.get("loss_sd") not in (None, "", "nan")]
+  return float(np.mean(values)) if values else None
+
+
 def fit_table(runs, *, bootstrap: int, budgets, workers: int, extrapolate: bool = True,
               leave_one_out: bool = True, grid=None, target: str = "loss") -> dict:
   """Everything `fit` reports, as one dict (`grid`: fit.GRID unless given). A check the table is
   too small for is reported as {"skipped": why}, not an error: the fit itself still stands."""
   law, objective = fit_lib.fit(runs["N"], runs["D"], runs["loss"], workers=workers, grid=grid)
   result = {**law.as_dict(), "objective": objective, "runs": int(len(runs["N"]))}
+  # How far the law is from the runs it was fitted on: beside the runs' seed-to-seed spread,
+  # it says whether the form or the noise limits the predictions.
+  errors = np.abs(law.loss(runs["N"], runs["D"]) / runs["loss"] - 1)
+  result["residuals"] = {"mean_abs_error": float(errors.mean()),
+                         "max_abs_error": float(errors.max())}
+  noise = seed_noise(runs, target)
+  if noise is not None:
+    result["residuals"]["seed_sd"] = noise
   floor = entropy_floor(runs, target)
   if floor is not None:
     result["entropy_floor"] = floor
@@ -112,6 +132,12 @@ def format_result(r: dict, target: str) -> str:
 
 def _validation_lines(r: dict) -> list:
   lines = []
+  res = r.get("residuals")
+  if res:
+    lines.append(f"fitted runs: mean |error| {100 * res['mean_abs_error']:.2f}%, max "
+                 f"{100 * res['max_abs_error']:.2f}%" + (
+                     f" (one run's seed-to-seed spread: {100 * res['seed_sd']:.2f}%)"
+                     if "seed_sd" in res else ""))
   x = r.get("extrapolation")
   if x and "skipped" in x:
     lines.append(f"held-out extrapolation: skipped ({x['skipped']})")
