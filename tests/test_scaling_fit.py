@@ -35,6 +35,18 @@ def test_recovers_the_coefficients_of_a_known_law():
     assert law.loss(n_opt, d_opt) < law.loss(n_opt * factor, d_opt / factor)
 
 
+def test_refits_start_from_a_law_whose_floor_underflowed():
+  """A fit that drives E to 0 (exp underflows: the world data's runs sit far above its floor)
+  still gives finite starts for the bootstrap and leave-one-out refits."""
+  law = fit_lib.ScalingLaw(E=0.0, A=48.6, B=55.7, alpha=0.49, beta=0.32)
+  starts = fit_lib.nearby_starts(law)
+  assert all(np.all(np.isfinite(s)) for s in starts)
+  N = np.repeat([4e4, 1.4e5, 5.2e5], 3)
+  D = np.tile([3e5, 1e6, 3e6], 3)
+  refit, _ = fit_lib.fit(N, D, law.loss(N, D) + 1e-9, starts=starts)
+  assert refit.alpha == pytest.approx(0.49, abs=0.05)
+
+
 def test_frontier_and_power_law():
   C = np.array([1.0, 2.0, 2.0, 4.0, 8.0, 16.0])
   L = np.array([5.0, 4.0, 4.5, 4.2, 3.0, 2.5])

@@ -152,7 +152,10 @@ def fit(N, D, L, *, delta: float = HUBER_DELTA, grid=None, starts=None,
 
 def nearby_starts(law: ScalingLaw) -> list:
   """Initialisations for refits of a subset: the full-data optimum and two points near it."""
-  centre = np.array([np.log(law.A), np.log(law.B), np.log(law.E), law.alpha, law.beta])
+  # A coefficient driven to 0 (E, when the runs sit far above the floor) underflows exp(e):
+  # its log starts from the smallest positive float instead of -inf.
+  a, b, e = np.log(np.maximum([law.A, law.B, law.E], np.finfo(float).tiny))
+  centre = np.array([a, b, e, law.alpha, law.beta])
   return [centre] + [centre * f for f in (0.8, 1.2)]
 
 
