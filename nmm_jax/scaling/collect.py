@@ -4,7 +4,6 @@ data its entropy floor (the loss no model can beat). Runs of one size and length
 several seeds (a sweep's --seeds) become one row, their mean (average_seeds)."""
 import json
 import os
-import re
 
 import numpy as np
 
@@ -12,6 +11,7 @@ from nmm_jax import config as config_lib
 from nmm_jax import storage
 from nmm_jax.data import shards, world
 from nmm_jax.scaling import flops
+from nmm_jax.scaling.sweep import REPLICATE_SUFFIX
 
 RUN_FILE = "sweep_run.json"
 
@@ -72,9 +72,6 @@ def collect_run(workdir: str) -> dict:
   return row
 
 
-_REPLICATE = re.compile(r"_s\d+$")
-
-
 def average_seeds(rows: list) -> list:
   """One row per group of seed replicates (runs named NAME_s0, NAME_s1, ...: a sweep's
   --seeds): loss and loss/<source> averaged, `loss_sd` the replicates' standard deviation
@@ -82,7 +79,7 @@ def average_seeds(rows: list) -> list:
   N, D or steps differ is refused: those are not replicates of one run."""
   groups = {}
   for row in rows:
-    groups.setdefault(_REPLICATE.sub("", row["run"]), []).append(row)
+    groups.setdefault(REPLICATE_SUFFIX.sub("", row["run"]), []).append(row)
   out = []
   for name, members in groups.items():
     shape = {(m["N"], m["D"], m["steps"]) for m in members}

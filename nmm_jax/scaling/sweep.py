@@ -13,6 +13,7 @@ the family's plus 0, 1, ...); `nmm-scaling collect` averages them (collect.avera
 """
 import dataclasses
 import os
+import re
 import shlex
 import sys
 
@@ -21,6 +22,13 @@ from nmm_jax.scaling import flops
 
 COOLDOWN_FRACTION = 0.2
 MAX_WARMUP_FRACTION = 0.1
+# Seed replicates of a run are named NAME_s0, NAME_s1, ... (plan's `seeds`); collect groups them
+# by the name without this suffix.
+REPLICATE_SUFFIX = re.compile(r"_s\d+$")
+
+
+def replicate_name(name: str, seed: int) -> str:
+  return f"{name}_s{seed}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +113,7 @@ def plan(config, widths, *, budgets=(), tokens=(), min_steps: int = 20,
       for seed in range(seeds):
         # One seed keeps the run's plain name (and the family's train.seed).
         replicate = {"train.seed": config.train.seed + seed} if seeds > 1 else {}
-        runs.append(PlannedRun(f"{name}_s{seed}" if seeds > 1 else name, width, steps,
+        runs.append(PlannedRun(replicate_name(name, seed) if seeds > 1 else name, width, steps,
                                float(amount) if budgets else 0.0, counts["matmul"],
                                counts["total"], steps * batch * seq_len, step_flops * steps,
                                {**overrides, **replicate}))
