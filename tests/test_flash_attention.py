@@ -104,12 +104,12 @@ def output_and_grads(attend, q, k, v, d_out):
 
 
 # (dtype, length, query heads, kv heads, block_q, block_k, rows): GQA ratios 1, 2, 4; lengths
-# that are multiples of the blocks and not (100 pads to 128, 160 to 192).
+# that are multiples of the blocks and not (100 pads to 128, 160 to 192); f32 and bf16. (Each
+# case interprets the kernels for about 20 s: three cases cover it.)
 CASES = [
     (jnp.float32, 128, 2, 2, 32, 32, 3),
     (jnp.float32, 100, 4, 2, 32, 32, 2),
-    (jnp.float32, 160, 4, 1, 64, 32, 2),
-    (jnp.bfloat16, 128, 4, 2, 32, 32, 2),
+    (jnp.bfloat16, 160, 4, 1, 64, 32, 2),
 ]
 
 

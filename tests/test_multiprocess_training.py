@@ -1,12 +1,12 @@
 """Multi-process training with real processes on localhost (jax.distributed, gloo on CPU).
 
 One 1-process run (8 devices) is the reference. A 2-process run (4 devices each) of the same
-config is stopped by SIGTERM, resumed by the same command and stopped again; its checkpoint is
-damaged, and the next 2-process start falls back to the one before (both processes agree);
-then a 1-process run on another mesh finishes: every step's loss equals the reference's, and
-the processes agree on the step they stop at. A 2-process run on a hybrid mesh has the
-reference's losses and caption accuracy. A process that dies makes the other one exit with an
-error.
+config is stopped by SIGTERM; one process on another mesh resumes it and is stopped; its
+checkpoint is damaged, and the next 2-process start falls back to the one before (both
+processes agree); then 2 processes on a hybrid mesh (the data axis across the processes, as
+across hosts) finish: every step's loss equals the reference's, the processes agree on the
+step they stop at, and the caption accuracy of generation over both processes' devices is the
+reference's. A process that dies makes the other one exit with an error.
 """
 import json
 import os
@@ -88,21 +88,23 @@ def reference(tmp_path_factory, shapes_data_dir):
   return logged(workdir)
 
 
-def test_two_processes_stop_resume_and_finish_on_another_mesh(reference, shapes_data_dir,
+def test_two_processes_stop_resume_and_finish_on_other_meshes(reference, shapes_data_dir,
                                                              tmp_path):
   workdir = str(tmp_path / "run")
   # Preempted: both processes get SIGTERM, agree on a step, save it and exit 0.
   assert stop_after(start(workdir, shapes_data_dir, 2, tag="a"), workdir, 3) == [0, 0]
   first_stop = checkpoints(workdir)[-1]
   assert 3 <= first_stop < STEPS
-  # The same command resumes from it; stopped again.
-  assert stop_after(start(workdir, shapes_data_dir, 2, tag="b"), workdir,
-                    first_stop + 2) == [0, 0]
+  # One process with 8 devices on an fsdp=2 mesh resumes the 2-process checkpoint (state
+  # resharded, both data streams' states read); stopped again.
+  assert stop_after(start(workdir, shapes_data_dir, 1, "--config.mesh.fsdp=2", tag="b"),
+                    workdir, first_stop + 2) == [0]
   *_, fallback, second_stop = checkpoints(workdir)
   assert first_stop < second_stop < STEPS
-  # Its checkpoint is damaged (a state file cut short): both processes find it unreadable, agree
-  # to fall back to the one before it (the first stop's, or the step-10 one when the second run
-  # got past it before its SIGTERM), and move the bad one aside; stopped again.
+  # Its checkpoint is damaged (a state file cut short): both processes of the next start find
+  # it unreadable, agree to fall back to the one before it (the first stop's, or the step-10
+  # one when the second run got past it before its SIGTERM), and move the bad one aside;
+  # stopped again.
   state = os.path.join(workdir, "checkpoints", str(second_stop), "state")
   files = [os.path.join(d, f) for d, _, names in os.walk(state) for f in names]
   victim = max(files, key=os.path.getsize)
@@ -114,15 +116,22 @@ def test_two_processes_stop_resume_and_finish_on_another_mesh(reference, shapes_
     time.sleep(0.05)
   assert stop_after(procs, workdir, fallback + 1) == [0, 0]
   assert f"unreadable-{second_stop}" in os.listdir(os.path.join(workdir, "checkpoints"))
-  # One process with 8 devices on an fsdp=2 mesh restores the 2-process checkpoint (state
-  # resharded, both data streams' states read) and finishes.
-  assert finish(start(workdir, shapes_data_dir, 1, "--config.mesh.fsdp=2", tag="c")) == [0]
+  # mesh.dcn_data=2: each process is a granule (a GPU host, as on a cluster), the data axis
+  # spans the two over the "data-centre network" and fsdp stays inside each process. It
+  # finishes, and evaluates with captions: generation runs over both processes' devices
+  # (inputs placed replicated, outputs gathered).
+  hybrid = ("--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.mesh.dcn_data=2")
+  assert finish(start(workdir, shapes_data_dir, 2, *hybrid, *CAPTIONS, tag="c")) == [0, 0]
 
   got = logged(workdir)
   assert sorted(got) == list(range(1, STEPS + 1))
   for step in range(1, STEPS + 1):
     assert got[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-4), step
   assert got[STEPS]["eval/loss"] == pytest.approx(reference[STEPS]["eval/loss"], rel=1e-4)
+  keys = [k for k in reference[STEPS] if k.startswith("eval/caption/")]
+  assert sorted(keys) == sorted(f"eval/caption/{a}" for a in
+                                ("colour", "shape", "count", "region", "all"))
+  assert {k: got[STEPS][k] for k in keys} == {k: reference[STEPS][k] for k in keys}
   # Metrics come from process 0 only: one event file per invocation, not one per process.
   assert len(os.listdir(os.path.join(workdir, "tb"))) == 4
 
@@ -141,21 +150,3 @@ def test_a_dead_process_stops_the_others_with_an_error(shapes_data_dir, tmp_path
   assert code != 0 and time.time() - started < 60
   with open(f"{workdir}-fail-p0.log") as f:
     assert "detected fatal errors" in f.read()
-
-
-def test_two_processes_on_a_hybrid_mesh(reference, shapes_data_dir, tmp_path):
-  """mesh.dcn_data=2: each process is a granule (a GPU host, as on a cluster), the data axis
-  spans the two over the "data-centre network" and fsdp stays inside each process. Same
-  losses as the 1-process reference, and the same caption accuracy: generation during
-  training runs over both processes' devices (inputs placed replicated, outputs gathered)."""
-  workdir = str(tmp_path / "run")
-  hybrid = ("--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.mesh.dcn_data=2")
-  assert finish(start(workdir, shapes_data_dir, 2, *hybrid, *CAPTIONS, tag="hybrid")) == [0, 0]
-  got = logged(workdir)
-  assert sorted(got) == list(range(1, STEPS + 1))
-  for step in range(1, STEPS + 1):
-    assert got[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-4), step
-  keys = [k for k in reference[STEPS] if k.startswith("eval/caption/")]
-  assert sorted(keys) == sorted(f"eval/caption/{a}" for a in
-                                ("colour", "shape", "count", "region", "all"))
-  assert {k: got[STEPS][k] for k in keys} == {k: reference[STEPS][k] for k in keys}

@@ -54,6 +54,10 @@ def test_plan_window_of_tokens_per_parameter_and_late_encoders():
   assert [r.name for r in runs] == ["C1e12_w32", "C1e12_w64"]
   assert skipped == ["C1e12_w128: D/N 0.579 outside 1-100"]
   assert all(1 <= r.D / r.N <= 100 for r in runs)
+  # A learning rate per width: halved at each doubling from the family's d_model (64).
+  runs, _ = sweep.plan(config, [32, 64, 128], budgets=[1e12], lr_width_exponent=1.0)
+  assert [r.overrides["train.lr"] for r in runs] == [6e-3, 3e-3, 1.5e-3]
+  assert "train.lr" not in sweep.plan(config, [32], budgets=[1e12])[0][0].overrides
   late = conftest_module("scaling_world").get_config("late")
   (run,), _ = sweep.plan(late, [128], budgets=[1e13])
   v = {k: run.overrides[f"model.vision.{k}"] for k in ("d_model", "num_heads", "mlp_dim")}

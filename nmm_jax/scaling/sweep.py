@@ -8,6 +8,9 @@ For each (budget or token count, width) the family config is resized:
   learning-rate schedule as the paper trains its scaling runs: linear warmup over
   min(train.warmup_steps, 10% of the steps), constant, then a 1-sqrt cooldown over the last 20%
   (`inverse_sqrt`); one evaluation and one checkpoint, at the end.
+With `lr_width_exponent` p, the learning rate is set per width: train.lr * (d_model / width)^p,
+d_model the family config's (p = 1: halved at each doubling of the width, as Adam's
+hidden-layer rate scales under muP; docs/scaling.md has the measurement behind it).
 With `seeds` > 1, each of them is run that many times (runs NAME_s0, NAME_s1, ...: train.seed
 the family's plus 0, 1, ...); `nmm-scaling collect` averages them (collect.average_seeds).
 """
@@ -75,7 +78,7 @@ def _resized_model(config, overrides):
 
 
 def plan(config, widths, *, budgets=(), tokens=(), min_steps: int = 20,
-         tokens_per_param=None, seeds: int = 1) -> tuple:
+         tokens_per_param=None, seeds: int = 1, lr_width_exponent: float = 0.0) -> tuple:
   """(runs, skipped): one run per (budget or token count, width); `skipped` names the
   combinations with fewer than `min_steps` steps, or with D/N outside `tokens_per_param`
   ((low, high), None for any): an isoFLOP study needs the widths around each budget's optimum,
@@ -110,6 +113,9 @@ def plan(config, widths, *, budgets=(), tokens=(), min_steps: int = 20,
                    "train.cooldown_fraction": COOLDOWN_FRACTION,
                    "eval.every_steps": steps, "checkpoint.every_steps": steps,
                    "checkpoint.keep": 1}
+      if lr_width_exponent:
+        overrides["train.lr"] = float(
+            f"{config.train.lr * (config.model.d_model / width) ** lr_width_exponent:.4g}")
       for seed in range(seeds):
         # One seed keeps the run's plain name (and the family's train.seed).
         replicate = {"train.seed": config.train.seed + seed} if seeds > 1 else {}

@@ -32,6 +32,9 @@ flags.DEFINE_list("tokens_per_param", [],
 flags.DEFINE_integer("seeds", 1, "Train each run with this many seeds (NAME_s0, NAME_s1, ...; "
                      "collect averages them): one small run's loss varies by several percent "
                      "from seed to seed.")
+flags.DEFINE_float("lr_width_exponent", 0.0,
+                   "p: each width's learning rate is train.lr * (the family's d_model / width)^p "
+                   "(0: train.lr at every width).")
 flags.DEFINE_bool("run", False, "Run the sweep here, one run after another.")
 flags.DEFINE_string("command_prefix", "", "Printed before each command (e.g. 'sbatch --wrap').")
 flags.mark_flags_as_required(["config", "widths", "out"])
@@ -66,7 +69,8 @@ def main(argv):
                                  budgets=[float(b) for b in FLAGS.budgets],
                                  tokens=[float(t) for t in FLAGS.tokens],
                                  min_steps=FLAGS.min_steps,
-                                 tokens_per_param=_tokens_per_param(), seeds=FLAGS.seeds)
+                                 tokens_per_param=_tokens_per_param(), seeds=FLAGS.seeds,
+                                 lr_width_exponent=FLAGS.lr_width_exponent)
   for line in skipped:
     print(f"left out {line}", file=sys.stderr)
   if not runs:
@@ -85,7 +89,9 @@ def main(argv):
     commands.append(sweep_lib.train_command(config_file, workdir, run, config_overrides))
   print(f"{len(runs)} runs; total {sum(r.C for r in runs):.3g} FLOPs")
   for run in runs:
-    print(f"  {run.name:14s} N {run.N:>10,}  steps {run.steps:>6}  D {run.D:>11,}  C {run.C:.3g}")
+    lr = f"  lr {run.overrides['train.lr']:.3g}" if "train.lr" in run.overrides else ""
+    print(f"  {run.name:14s} N {run.N:>10,}  steps {run.steps:>6}  D {run.D:>11,}  "
+          f"C {run.C:.3g}{lr}")
   if not FLAGS.run:
     for argv in commands:
       print((FLAGS.command_prefix + " " if FLAGS.command_prefix else "")
