@@ -18,6 +18,8 @@ import time
 
 import pytest
 
+from conftest import FAST_CPU_COMPILE
+
 STEPS = 16
 
 
@@ -31,7 +33,7 @@ def start(workdir, data_dir, processes: int, *extra, tag="run"):
   """The training processes of one job (each with 8 / processes CPU devices); process i logs
   to WORKDIR-TAG-pI.log."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // processes}"
+  env["XLA_FLAGS"] = f"{FAST_CPU_COMPILE} --xla_force_host_platform_device_count={8 // processes}"
   base = [sys.executable, "-m", "nmm_jax.train", "--config=configs/tiny.py",
           f"--workdir={workdir}", f"--config.train.steps={STEPS}", "--config.data.streams=2",
           f"--config.data.dir={data_dir}", *extra]
