@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from conftest import FAST_CPU_COMPILE
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
@@ -16,7 +18,8 @@ SMALL = ["--config.model.vocab_size=512", "--config.model.d_model=64",
 
 
 def run_bench(*args) -> dict:
-  env = dict(os.environ, XLA_FLAGS="")  # one real CPU device, as a user runs it
+  # One real CPU device, as a user runs it (compiled fast: the figures are not asserted).
+  env = dict(os.environ, XLA_FLAGS=FAST_CPU_COMPILE)
   result = subprocess.run([sys.executable, "-m", "nmm_jax.bench", "--config=configs/bench.py",
                            *SMALL, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
@@ -40,7 +43,7 @@ def test_bench_prints_figures_as_json():
 
 
 def test_generation_bench_prints_figures_as_json():
-  env = dict(os.environ, XLA_FLAGS="")
+  env = dict(os.environ, XLA_FLAGS=FAST_CPU_COMPILE)
   result = subprocess.run([sys.executable, "-m", "nmm_jax.eval.cli", "bench",
                            "--config=configs/tiny.py", "--config.model.moe.num_experts=4",
                            "--batch=4", "--prompt_len=40", "--new_tokens=6", "--images=1",

@@ -112,11 +112,12 @@ def test_missing_data_dir_fails_clearly(tmp_path):
 
 
 def test_realised_mixture_matches_the_weights(shapes_data_dir):
-  """Over 10k packed sequences, each source's share of documents is within 2 points."""
+  """Over 3,000 packed sequences (some 10k documents: a share's standard error is under half a
+  point), each source's share of documents is within 2 points."""
   config = tiny_config(**{"train.batch_size": 100})
   iterator = iter(pipeline.make_dataset(config, shapes_data_dir, "train", seed=1))
   counts = np.zeros(3)
-  for _ in range(100):
+  for _ in range(30):
     batch = next(iterator)
     starts = (batch["positions"] == 0) & (batch["segment_ids"] > 0)
     counts += np.bincount(batch["source"][starts], minlength=3)
