@@ -28,8 +28,8 @@ def run_bench(*args) -> dict:
 
 
 def test_bench_prints_figures_as_json():
-  """A late-fusion model with an image per row (the early-fusion decoder is inside it; one
-  run: each costs half a minute)."""
+  """A late-fusion model with an image per row: the early-fusion decoder is inside it, so one
+  run covers both."""
   figures = run_bench("--config.bench.images_per_row=1", "--config.model.fusion=late",
                       "--config.model.vision.d_model=32", "--config.model.vision.mlp_dim=64",
                       "--config.model.vision.num_heads=2")

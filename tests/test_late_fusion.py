@@ -11,6 +11,7 @@ from conftest import model_param_count, tiny_config
 from nmm_jax import config as config_lib
 from nmm_jax.data import pipeline
 from nmm_jax.models import NMM
+from nmm_jax.models.variables import abstract_model_state
 from nmm_jax.scaling import flops
 from nmm_jax.train.loop import train_and_evaluate
 from nmm_jax.train.optimizer import make_optimizer
@@ -78,13 +79,12 @@ def _first_updates(configs, batch) -> list:
   together (op by op, they took 20 s)."""
   params = nnx.state(NMM(configs[0].model, rngs=nnx.Rngs(0)))
 
-  def loss(params, config):
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: NMM(config.model, rngs=nnx.Rngs(0))))
+  def loss(params, graphdef):
     logits = nnx.merge(graphdef, params).logits(batch)
     return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(
         logits, batch["targets"][..., None], axis=-1)[..., 0])
 
-  grads = [jax.grad(loss)(params, config) for config in configs]
+  grads = [jax.grad(loss)(params, abstract_model_state(config.model)[0]) for config in configs]
   optimizers = [make_optimizer(config.train, config.model) for config in configs]
   return jax.jit(lambda grads, params: [tx.update(g, tx.init(params), params)[0]
                                         for tx, g in zip(optimizers, grads)])(grads, params)
@@ -116,8 +116,9 @@ def test_encoder_learning_rate_scale_and_freeze(batch):
     np.testing.assert_array_equal(a, b)
 
 
-# Not "none": input_concat of the last layer is plain late fusion (the test above), and
-# input_concat trains the same encoder and connector.
+# Not "none": input_concat of the last layer is plain late fusion
+# (test_input_concat_of_the_last_layer_is_plain_late_fusion), and input_concat trains the same
+# encoder and connector.
 @pytest.mark.parametrize("mode", [m for m in MODES if m != "none"])
 def test_each_fusion_mode_trains_on_the_embedded_data(mode, shapes_data_dir, tmp_path):
   config = late_config(mode, **{"train.steps": 12, "data.dir": shapes_data_dir,

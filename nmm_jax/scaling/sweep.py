@@ -114,6 +114,7 @@ def plan(config, widths, *, budgets=(), tokens=(), min_steps: int = 20,
                    "eval.every_steps": steps, "checkpoint.every_steps": steps,
                    "checkpoint.keep": 1}
       if lr_width_exponent:
+        # To 4 significant digits: 6e-3 in the printed commands, not 0.006000000000000001.
         overrides["train.lr"] = float(
             f"{config.train.lr * (config.model.d_model / width) ** lr_width_exponent:.4g}")
       for seed in range(seeds):
