@@ -58,6 +58,17 @@ def test_plan_window_of_tokens_per_parameter_and_late_encoders():
   runs, _ = sweep.plan(config, [32, 64, 128], budgets=[1e12], lr_width_exponent=1.0)
   assert [r.overrides["train.lr"] for r in runs] == [6e-3, 3e-3, 1.5e-3]
   assert "train.lr" not in sweep.plan(config, [32], budgets=[1e12])[0][0].overrides
+  # A smaller batch for short runs: halved from 16 until 500 steps, no lower than min_batch;
+  # the held-out set stays 256 sequences.
+  runs, _ = sweep.plan(config, [32, 64, 128], budgets=[1e12], target_steps=500, min_batch=4)
+  assert [(r.batch, r.steps) for r in runs] == [(16, 1766), (16, 530), (4, 589)]
+  assert "train.batch_size" not in runs[0].overrides
+  o = runs[2].overrides
+  assert o["train.batch_size"] == 4 and o["eval.num_batches"] * 4 == 16 * 16
+  assert runs[2].D == 589 * 4 * 128 and abs(runs[2].C - 1e12) < runs[2].C / 589
+  assert sweep.plan(config, [128], budgets=[1e12], target_steps=10_000)[0][0].batch == 1
+  with pytest.raises(ValueError, match="min_batch must be between 1 and"):
+    sweep.plan(config, [32], budgets=[1e12], target_steps=500, min_batch=32)
   late = conftest_module("scaling_world").get_config("late")
   (run,), _ = sweep.plan(late, [128], budgets=[1e13])
   v = {k: run.overrides[f"model.vision.{k}"] for k in ("d_model", "num_heads", "mlp_dim")}
@@ -118,7 +129,8 @@ def test_two_run_sweep_collect_and_plot(tmp_path):
                  vocab_size=176)
     assert int(row["N"]) == flops.param_counts(model)["matmul"]
     assert int(row["N_total"]) == flops.param_counts(model)["total"]
-    assert int(row["D"]) == 30 * 8 * 128 and int(row["steps"]) == 30
+    assert int(row["D"]) == 30 * 8 * 128 and int(row["steps"]) == 30 and row["batch"] == "8"
+    assert float(row["lr"]) == config.train.lr
     assert float(row["C"]) == pytest.approx(flops.train_flops_per_sequence(model, 128) * 240)
     for key in ("loss", "loss/caption", "loss/interleaved", "loss/text"):
       floor = float(row[key.replace("loss", "floor")])

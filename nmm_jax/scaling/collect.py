@@ -62,7 +62,8 @@ def collect_run(workdir: str) -> dict:
          "C": flops.train_flops_per_sequence(saved.model, saved.data.seq_len,
                                              saved.data.max_images) * sequences,
          "loss": record["eval/loss"], "run": os.path.basename(os.path.normpath(workdir)),
-         "width": saved.model.d_model, "steps": step, "seed": saved.train.seed}
+         "width": saved.model.d_model, "steps": step, "batch": saved.train.batch_size,
+         "lr": saved.train.lr, "seed": saved.train.seed}
   row.update({k[len("eval/"):]: v for k, v in record.items() if k.startswith("eval/loss/")})
   row.update(_entropy_floor(saved, workdir))
   planned = os.path.join(workdir, RUN_FILE)

@@ -11,6 +11,10 @@ For each (budget or token count, width) the family config is resized:
 With `lr_width_exponent` p, the learning rate is set per width: train.lr * (d_model / width)^p,
 d_model the family config's (p = 1: halved at each doubling of the width, as Adam's
 hidden-layer rate scales under muP; docs/scaling.md has the measurement behind it).
+With `target_steps` T, a run whose budget gives fewer than T steps at the family's batch trains
+at a smaller one: train.batch_size halved (to no less than `min_batch`) until it has T steps, so
+the short runs are not limited by how few updates they make; eval.num_batches grows to keep the
+held-out set the family's (batch x num_batches sequences).
 With `seeds` > 1, each of them is run that many times (runs NAME_s0, NAME_s1, ...: train.seed
 the family's plus 0, 1, ...); `nmm-scaling collect` averages them (collect.average_seeds).
 """
@@ -40,6 +44,7 @@ class PlannedRun:
   width: int
   steps: int
   budget: float          # the FLOP budget asked for (0 for token-count sweeps)
+  batch: int             # sequences per step
   N: int                 # parameters that the compute counts
   N_total: int
   D: int                 # training tokens
@@ -77,24 +82,43 @@ def _resized_model(config, overrides):
   return model
 
 
+def _batch_and_steps(amount, sequence_cost, family_batch, target_steps, min_batch):
+  """(batch, steps) of a run that spends `amount` (FLOPs or tokens) at `sequence_cost` per
+  sequence: the family's batch, halved while the run has fewer than `target_steps` steps and
+  the half is a whole batch of at least `min_batch`."""
+  batch = family_batch
+  steps = round(amount / (sequence_cost * batch))
+  while (steps < target_steps and batch % 2 == 0 and batch // 2 >= min_batch):
+    batch //= 2
+    steps = round(amount / (sequence_cost * batch))
+  return batch, steps
+
+
 def plan(config, widths, *, budgets=(), tokens=(), min_steps: int = 20,
-         tokens_per_param=None, seeds: int = 1, lr_width_exponent: float = 0.0) -> tuple:
+         tokens_per_param=None, seeds: int = 1, lr_width_exponent: float = 0.0,
+         target_steps: int = 0, min_batch: int = 1) -> tuple:
   """(runs, skipped): one run per (budget or token count, width); `skipped` names the
   combinations with fewer than `min_steps` steps, or with D/N outside `tokens_per_param`
   ((low, high), None for any): an isoFLOP study needs the widths around each budget's optimum,
-  and the far-overtrained small models cost the most time on a CPU."""
+  and the far-overtrained small models cost the most time on a CPU. `target_steps`,
+  `min_batch`: a smaller batch for short runs (the module's docstring)."""
   if bool(budgets) == bool(tokens):
     raise ValueError("give FLOP budgets or token counts (not both)")
   if seeds < 1:
     raise ValueError(f"seeds must be at least 1, got {seeds}")
-  batch, seq_len = config.train.batch_size, config.data.seq_len
+  family_batch, seq_len = config.train.batch_size, config.data.seq_len
+  if not 1 <= min_batch <= family_batch:
+    raise ValueError(f"min_batch must be between 1 and train.batch_size={family_batch}, got "
+                     f"{min_batch}")
   runs, skipped = [], []
   for amount in (budgets or tokens):
     for width in widths:
       model_overrides = resize(config.model, width)
       model = _resized_model(config, model_overrides)
-      step_flops = flops.train_flops_per_sequence(model, seq_len, config.data.max_images) * batch
-      steps = round(amount / step_flops) if budgets else round(amount / (batch * seq_len))
+      sequence_flops = flops.train_flops_per_sequence(model, seq_len, config.data.max_images)
+      batch, steps = _batch_and_steps(amount, sequence_flops if budgets else seq_len,
+                                      family_batch, target_steps, min_batch)
+      step_flops = sequence_flops * batch
       label = ("C" if budgets else "D") + f"{amount:.2g}".replace("+", "")
       name = f"{label}_w{width}"
       if steps < min_steps:
@@ -113,6 +137,10 @@ def plan(config, widths, *, budgets=(), tokens=(), min_steps: int = 20,
                    "train.cooldown_fraction": COOLDOWN_FRACTION,
                    "eval.every_steps": steps, "checkpoint.every_steps": steps,
                    "checkpoint.keep": 1}
+      if batch != family_batch:
+        # The same held-out sequences as the family's runs: batch halvings divide its batch.
+        overrides.update({"train.batch_size": batch, "eval.num_batches":
+                          config.eval.num_batches * family_batch // batch})
       if lr_width_exponent:
         # To 4 significant digits: 6e-3 in the printed commands, not 0.006000000000000001.
         overrides["train.lr"] = float(
@@ -121,7 +149,7 @@ def plan(config, widths, *, budgets=(), tokens=(), min_steps: int = 20,
         # One seed keeps the run's plain name (and the family's train.seed).
         replicate = {"train.seed": config.train.seed + seed} if seeds > 1 else {}
         runs.append(PlannedRun(replicate_name(name, seed) if seeds > 1 else name, width, steps,
-                               float(amount) if budgets else 0.0, counts["matmul"],
+                               float(amount) if budgets else 0.0, batch, counts["matmul"],
                                counts["total"], steps * batch * seq_len, step_flops * steps,
                                {**overrides, **replicate}))
   return runs, skipped

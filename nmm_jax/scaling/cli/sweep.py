@@ -35,6 +35,12 @@ flags.DEFINE_integer("seeds", 1, "Train each run with this many seeds (NAME_s0, 
 flags.DEFINE_float("lr_width_exponent", 0.0,
                    "p: each width's learning rate is train.lr * (the family's d_model / width)^p "
                    "(0: train.lr at every width).")
+flags.DEFINE_integer("target_steps", 0,
+                     "Train a run that would make fewer steps than this at the family's batch at "
+                     "a smaller one (halved, down to --min_batch, until it makes them): runs of "
+                     "a few hundred steps are limited by their updates, not by N or D.")
+flags.DEFINE_integer("min_batch", 1, "The smallest batch --target_steps goes down to (at least "
+                     "the data-parallel device count).")
 flags.DEFINE_bool("run", False, "Run the sweep here, one run after another.")
 flags.DEFINE_string("command_prefix", "", "Printed before each command (e.g. 'sbatch --wrap').")
 flags.mark_flags_as_required(["config", "widths", "out"])
@@ -70,7 +76,8 @@ def main(argv):
                                  tokens=[float(t) for t in FLAGS.tokens],
                                  min_steps=FLAGS.min_steps,
                                  tokens_per_param=_tokens_per_param(), seeds=FLAGS.seeds,
-                                 lr_width_exponent=FLAGS.lr_width_exponent)
+                                 lr_width_exponent=FLAGS.lr_width_exponent,
+                                 target_steps=FLAGS.target_steps, min_batch=FLAGS.min_batch)
   for line in skipped:
     print(f"left out {line}", file=sys.stderr)
   if not runs:
@@ -90,8 +97,8 @@ def main(argv):
   print(f"{len(runs)} runs; total {sum(r.C for r in runs):.3g} FLOPs")
   for run in runs:
     lr = f"  lr {run.overrides['train.lr']:.3g}" if "train.lr" in run.overrides else ""
-    print(f"  {run.name:14s} N {run.N:>10,}  steps {run.steps:>6}  D {run.D:>11,}  "
-          f"C {run.C:.3g}{lr}")
+    print(f"  {run.name:14s} N {run.N:>10,}  batch {run.batch:>4}  steps {run.steps:>6}  "
+          f"D {run.D:>11,}  C {run.C:.3g}{lr}")
   if not FLAGS.run:
     for argv in commands:
       print((FLAGS.command_prefix + " " if FLAGS.command_prefix else "")
