@@ -13,7 +13,9 @@ member's counted parameters beside the paper's (docs/models.md explains the diff
   nearest d / 64 (12 ... 52: tensor axes of 2 and 4 divide them); MLP width 8/3 d rounded up to
   a multiple of 256 (the Llama rule) and moved by the multiple of 128 that absorbs the attention
   width's difference from d; a 50,304-entry vocabulary (GPT-2's 50,257 padded to a multiple of
-  64), untied embeddings; 14x14 patches of 224x224 images. docs/models.md gives the counts.
+  64; libtpu all-reduces a head gradient of this width where it reduce-scatters a multiple of
+  512: README, "Training"), untied embeddings; 14x14 patches of 224x224 images. docs/models.md
+  gives the counts.
 * late: the same width; the 24 layers split into a ViT of 8 (MLP 4 d, as CLIP) and a decoder of
   16, so the total is close to the early model's; input_concat of ViT layers 4 and 8.
 * moe: the early model with every MLP an MoE of 8 experts, top-1 (the paper's default): the

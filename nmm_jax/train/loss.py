@@ -11,9 +11,29 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from nmm_jax import sharding
+from nmm_jax.models import dense
 from nmm_jax.models.lm_head import chunk_logits, chunked, nll_from_logits, token_nll, unchunked
+
+# The head's logical axes; a tied head (the embedding transposed) has the same.
+HEAD_AXES = ("embed", "vocab")
+
+
+def _sum_of_parts(d_head_PxDxV, head_shape, dtype):
+  """The head gradient in `dtype` (the head's) from the batch parts' f32 partial sums, in the
+  head's FSDP shards. On TPU (models/dense.py's EXPLICIT_PLATFORMS) reduce-scattered
+  explicitly, as the dense projections' gradients are: left to libtpu, this sum was an
+  all-reduce of the whole [D, V] gradient and a slice."""
+  plan = dense.reduction(d_head_PxDxV.shape[0], head_shape, HEAD_AXES)
+  if plan is None:
+    return jnp.sum(d_head_PxDxV, axis=0).astype(dtype)
+  # Each device's own part is summed in f32, then reduced in the head's dtype, as
+  # models/dense.py reduces the projections' gradients.
+  return jax.shard_map(lambda g_pxDxV: plan(jnp.sum(g_pxDxV, axis=0).astype(dtype)),
+                       mesh=plan.mesh, in_specs=PartitionSpec(plan.batch, *plan.features),
+                       out_specs=plan.w_spec)(d_head_PxDxV)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -61,9 +81,9 @@ def _weighted_nll_fwd(hidden_BxLxD, head_DxV, targets_BxL, weights_BxL, chunk):
   xs = (chunked(hidden_BxLxD, chunk), chunked(targets_BxL, chunk), chunked(weights_BxL, chunk))
   zeros_PxDxV = sharding.constrain(jnp.zeros((p, *head_DxV.shape), jnp.float32), partial_axes)
   d_head_PxDxV, (nll, d_h) = jax.lax.scan(body, zeros_PxDxV, xs)
-  d_head_DxV = jnp.sum(d_head_PxDxV, axis=0)
+  d_head_DxV = _sum_of_parts(d_head_PxDxV, head_DxV.shape, head_DxV.dtype)
   nll_BxL = unchunked(nll, targets_BxL.shape)
-  residuals = (unchunked(d_h, hidden_BxLxD.shape), d_head_DxV.astype(head_DxV.dtype))
+  residuals = (unchunked(d_h, hidden_BxLxD.shape), d_head_DxV)
   return (jnp.sum(nll_BxL * weights_BxL), nll_BxL), residuals
 
 
