@@ -511,8 +511,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
   _require(mesh["tensor"] == 1 or local % (mesh["tensor"] * mesh["expert"]) == 0, "mesh.tensor",
            f"{mesh['tensor']}-way tensor parallelism spans processes ({local} device(s) per "
            f"process): one process per GPU cannot feed a tensor group the same rows; start one "
-           f"process per host driving all its GPUs (nmm-train without --local_device_ids) or "
-           f"set mesh.tensor=1")
+           f"process per host driving all its GPUs (nmm-train without --local_device_ids; "
+           f"sbatch --ntasks-per-node=1 launch/slurm.sbatch) or set mesh.tensor=1")
   _require(t.batch_size % num_processes == 0, "train.batch_size",
            f"{t.batch_size} is not divisible by the {num_processes} processes")
   streams = d.streams or num_processes

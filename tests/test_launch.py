@@ -42,6 +42,18 @@ def test_slurm_runs_one_task_per_gpu_with_the_first_node_as_coordinator():
     assert part in task, part
 
 
+def test_slurm_one_task_per_node_drives_all_its_gpus():
+  """sbatch --ntasks-per-node=1 (what tensor parallelism over a node's GPUs needs): no local
+  device ids, so each process takes every GPU of its node."""
+  [argv] = dry_run("slurm.sbatch", "configs/default.py", "/shared/run", "--config.mesh.tensor=8",
+                   env={"SLURM_NTASKS_PER_NODE": "1"})
+  assert "--local_device_ids" not in argv[4]
+  assert "--process_id=${SLURM_PROCID} --config.mesh.tensor=8" in argv[4]
+  [argv] = dry_run("slurm.sbatch", "configs/default.py", "/shared/run",
+                   env={"SLURM_NTASKS_PER_NODE": "8"})
+  assert "--local_device_ids=${SLURM_LOCALID}" in argv[4]
+
+
 def test_slurm_tasks_see_their_node_s_gpus():
   """--local_device_ids=$SLURM_LOCALID needs every GPU of the node visible to every task."""
   with open(os.path.join(ROOT, "launch", "slurm.sbatch")) as f:
