@@ -38,6 +38,8 @@ MESHES = {
     "fsdp8_remat": _mesh(fsdp=8, **{"model.remat": "full"}),
     "fsdp8_microbatches4": _mesh(fsdp=8, **{"train.microbatches": 4}),
     "fsdp4_tensor2": _mesh(fsdp=4, tensor=2),
+    "fsdp4_tensor2_remat": _mesh(fsdp=4, tensor=2, **{"model.remat": "full"}),
+    "data2_fsdp2_tensor2_remat": _mesh(data=2, fsdp=2, tensor=2, **{"model.remat": "full"}),
     "fsdp4_tensor2_sp": _mesh(fsdp=4, tensor=2, **{"mesh.sequence_parallel": True}),
     "data2_fsdp2_tensor2": _mesh(data=2, fsdp=2, tensor=2),
     "fsdp8_chunk128": _mesh(fsdp=8, **{"model.vocab_size": 4096}),
@@ -97,6 +99,32 @@ def test_only_tensor_parallel_traffic_grows_with_tokens(compiled, name):
   per_token_layer = (_collective_bytes(large) - _collective_bytes(small)) / added_tokens / (
       m.num_layers * m.d_model * 4)
   assert 1 <= per_token_layer <= 8, per_token_layer
+
+
+@pytest.mark.parametrize("name", ["fsdp4_tensor2_remat", "data2_fsdp2_tensor2_remat"])
+def test_tensor_meshes_with_remat(compiled, name):
+  """Tensor parallelism with full remat: collective bytes are affine in the tokens per device.
+  Their part that does not grow with the batch (the line's value at zero tokens) is ZeRO-3's
+  weights and gradients, between 1 and 3 times the parameter bytes (tensor halves each device's
+  share), and the weight gathers themselves hardly grow; what grows is the activations'
+  all-reduce, a few [tokens, D] per layer (the recomputed forward adds its own). Temporaries
+  grow with the tokens a device holds (twice fsdp=8's at tensor=2: a device works on its data
+  shard's sequences), not with the batch (8 times)."""
+  small, large = compiled(name, SMALL), compiled(name, LARGE)
+  gathers = ("all-gather",)
+  assert _collective_bytes(large, gathers) < 1.2 * _collective_bytes(small, gathers)
+  growth = _collective_bytes(large) - _collective_bytes(small)
+  fixed = _collective_bytes(small) - growth * SMALL / (LARGE - SMALL)
+  assert 1 * _param_bytes() < fixed < 3 * _param_bytes(), fixed / _param_bytes()
+  m = tiny_config(**SHAPE).model
+  tensor = MESHES[name]["mesh.tensor"]
+  added_tokens = (LARGE - SMALL) * 8 // (8 // tensor) * 256 * tensor
+  per_token_layer = growth / added_tokens / (m.num_layers * m.d_model * 4)
+  assert 1 <= per_token_layer <= 8, per_token_layer
+  fsdp_growth = (compiled("fsdp8_remat", LARGE)["temp_bytes"]
+                 - compiled("fsdp8_remat", SMALL)["temp_bytes"])
+  temp_growth = large["temp_bytes"] - small["temp_bytes"]
+  assert temp_growth <= 1.1 * tensor * fsdp_growth, temp_growth / fsdp_growth
 
 
 def test_microbatches_lower_the_peak(compiled):
