@@ -139,7 +139,7 @@ def _head_grads(hidden, head, targets, weights):
 def test_the_head_gradient_is_reduce_scattered_too(mesh_name):
   """The fused loss's head gradient (a sum of the batch parts' partial sums) goes through the
   same explicit reduction: equal values and gradients, and at fsdp=8 one reduce-scatter of the
-  [D, V] f32 gradient where libtpu all-reduced it whole."""
+  [D, V] gradient (f32 here: the head's dtype) and no all-reduce of it."""
   inputs = _head_inputs()
   expected = _head_grads(*inputs)
   mesh = sharding.make_mesh(MESHES[mesh_name])

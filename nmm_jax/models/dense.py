@@ -71,6 +71,12 @@ class Reduction:
                                             tiled=True), 0, dim)
     return jax.lax.psum(g, self.sums) if self.sums else g
 
+  def total(self, partial, in_specs, *args):
+    """The weight-shaped sum over every device of `partial(*its blocks of args)` (the blocks laid
+    out by `in_specs`), in the weight's FSDP shards."""
+    return jax.shard_map(lambda *blocks: self(partial(*blocks)), mesh=self.mesh,
+                         in_specs=in_specs, out_specs=self.w_spec)(*args)
+
 
 def reduction(batch_size: int, w_shape, w_axes) -> Reduction | None:
   """The explicit reduction in the program being traced, or None where the compiler's own is
@@ -103,13 +109,12 @@ def reduction(batch_size: int, w_shape, w_axes) -> Reduction | None:
 
 def _weight_gradient(plan: Reduction, x_BxLxI, dy_BxLxO, dtype):
   def local(x_bxLxI, dy_bxLxO):
-    return plan(jnp.einsum("bli,blo->io", x_bxLxI, dy_bxLxO,
-                           preferred_element_type=jnp.float32).astype(dtype))
+    return jnp.einsum("bli,blo->io", x_bxLxI, dy_bxLxO,
+                      preferred_element_type=jnp.float32).astype(dtype)
 
   x_spec = PartitionSpec(plan.batch, None, plan.features[0])
   dy_spec = PartitionSpec(plan.batch, None, plan.features[1])
-  return jax.shard_map(local, mesh=plan.mesh, in_specs=(x_spec, dy_spec),
-                       out_specs=plan.w_spec)(x_BxLxI, dy_BxLxO)
+  return plan.total(local, (x_spec, dy_spec), x_BxLxI, dy_BxLxO)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

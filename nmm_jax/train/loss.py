@@ -33,9 +33,8 @@ def _sum_of_parts(d_head_PxDxV, head_shape, dtype):
     return jnp.sum(d_head_PxDxV, axis=0).astype(dtype)
   # Each device's own part is summed in f32, then reduced in the head's dtype, as
   # models/dense.py reduces the projections' gradients.
-  return jax.shard_map(lambda g_pxDxV: plan(jnp.sum(g_pxDxV, axis=0).astype(dtype)),
-                       mesh=plan.mesh, in_specs=PartitionSpec(plan.batch, *plan.features),
-                       out_specs=plan.w_spec)(d_head_PxDxV)
+  return plan.total(lambda g_pxDxV: jnp.sum(g_pxDxV, axis=0).astype(dtype),
+                    (PartitionSpec(plan.batch, *plan.features),), d_head_PxDxV)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
