@@ -16,8 +16,9 @@ member's counted parameters beside the paper's (docs/models.md explains the diff
   64; libtpu all-reduces a head gradient of this width where it reduce-scatters a multiple of
   512: README, "Training"), untied embeddings; 14x14 patches of 224x224 images. docs/models.md
   gives the counts.
-* late: the same width; the 24 layers split into a ViT of 8 (MLP 4 d, as CLIP) and a decoder of
-  16, so the total is close to the early model's; input_concat of ViT layers 4 and 8.
+* late: the same width; the 24 layers split into a ViT of 8 (the decoder's heads of 64; MLP
+  about 4 d as CLIP, the multiple of 128 that brings the total nearest the early model's) and a
+  decoder of 16; input_concat of ViT layers 4 and 8.
 * moe: the early model with every MLP an MoE of 8 experts, top-1 (the paper's default): the
   dense model's active size plus the routers.
 
@@ -59,11 +60,6 @@ def mlp_width(d_model: int) -> int:
   return 256 * math.ceil(8 * d_model / 3 / 256) + 128 * round(attention_gap / 128)
 
 
-def vit_heads(d_model: int) -> int:
-  """The ViT's heads split its width exactly: of 64 where it divides, else of 32."""
-  return d_model // (64 if d_model % 64 == 0 else 32)
-
-
 def get_config(spec: str = "early-275m"):
   family, _, size = spec.partition("-")
   if family not in FAMILIES or size not in WIDTHS:
@@ -80,8 +76,13 @@ def get_config(spec: str = "early-275m"):
   if family == "late":
     c.model.update(fusion="late", num_layers=DEPTH - LATE_ENCODER_LAYERS,
                    vision_fusion="input_concat", vision_layers=(3, -1))
-    c.model.vision.update(d_model=d, num_layers=LATE_ENCODER_LAYERS, num_heads=vit_heads(d),
-                          mlp_dim=4 * d, num_patches=(224 // 14) ** 2)
+    c.model.vision.update(d_model=d, num_layers=LATE_ENCODER_LAYERS, num_heads=num_heads(d),
+                          head_dim=HEAD_DIM, mlp_dim=4 * d, num_patches=(224 // 14) ** 2)
+    # The paper matches late models to early ones by total size: the ViT's MLP moves by the
+    # multiple of 128 that brings the total nearest the early model's (3,328 ... 12,288).
+    gap = (flops.param_counts(get_config(f"early-{size}").model)["total"]
+           - flops.param_counts(c.model)["total"])
+    c.model.vision.mlp_dim += 128 * round(gap / (LATE_ENCODER_LAYERS * 2 * d * 128))
   if family == "moe":
     c.model.moe.update(num_experts=8, top_k=1)
   # Chinchilla's 20 tokens per parameter as the default length.

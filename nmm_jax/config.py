@@ -101,6 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
                every=1),                   # then MoE in every N-th layer (the N-th, 2N-th, ...)
       # Late fusion (fusion="late"): a ViT trained from scratch + a 2-layer GELU connector.
       vision=dict(d_model=64, num_layers=4, num_heads=4, mlp_dim=256,
+                  head_dim=0,          # 0: d_model / num_heads (heads split the width exactly)
                   num_patches=16,      # (data.image_size / patch_size)^2
                   lr_scale=1.0,        # the encoder's learning rate = lr * lr_scale
                   freeze=False),       # no gradient into the encoder
@@ -235,6 +236,11 @@ def _positive_int(c, key):
   return value
 
 
+def vision_head_dim(v) -> int:
+  """The ViT's head size: model.vision.head_dim, or (0) its width split over its heads."""
+  return v.head_dim or v.d_model // v.num_heads
+
+
 def vision_layer_plan(cfg):
   """Late fusion, from the model config: (encoder layers feeding the connector,
   [(encoder layer, decoder layer)] injected inside), encoder layer indices made non-negative.
@@ -303,8 +309,11 @@ def _validate_late_fusion(c):
   m, d, v = c.model, c.data, c.model.vision
   for key in ("d_model", "num_layers", "num_heads", "mlp_dim", "num_patches"):
     _positive_int(c, f"model.vision.{key}")
-  _require(v.d_model % v.num_heads == 0, "model.vision.num_heads",
-           f"must divide model.vision.d_model={v.d_model}, got {v.num_heads}")
+  _require(isinstance(v.head_dim, int) and v.head_dim >= 0, "model.vision.head_dim",
+           f"must be an int >= 0 (0: d_model / num_heads), got {v.head_dim!r}")
+  _require(v.head_dim or v.d_model % v.num_heads == 0, "model.vision.num_heads",
+           f"must divide model.vision.d_model={v.d_model} unless model.vision.head_dim is set, "
+           f"got {v.num_heads}")
   patches = (d.image_size // m.patch_size) ** 2
   _require(v.num_patches == patches, "model.vision.num_patches",
            f"must be (data.image_size / model.patch_size)^2 = {patches}, got {v.num_patches}")

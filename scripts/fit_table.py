@@ -3,6 +3,7 @@ configs/large.py ones, compiled by nmm-compile's functions for v5p-64, v6e-256 a
 
   .venv/bin/python scripts/fit_table.py [--out=docs/fit_table.jsonl] [--topologies=v5p-64,h100-8]
   .venv/bin/python scripts/fit_table.py --render   # the Markdown table of docs/fit_table.jsonl
+  .venv/bin/python scripts/fit_table.py --render --write_docs   # ... into README.md, models.md
 
 Each cell compiles the train step at the paper's batch (256 sequences over the chips) and then
 searches the largest per-chip batch (--search: report.max_per_chip_batch's bisection, or a
@@ -10,8 +11,10 @@ three-compile estimate that the table marks "≥"). Compiled with the flag prese
 (train.xla_flags=auto). Rows are appended to --out as they finish, so an interrupted run
 continues where it stopped; docs/fit_table.jsonl holds the rows behind the README's table;
 --redo compiles cells again (e.g. --search=none cells, which have no max/chip yet), and the last
-row of a cell wins. Without --redo, a current (dated) row that lacks a max/chip keeps its compile
-at the paper's batch and gets the search only. The mesh shards parameters over as many chips
+row of a cell wins. Without --redo, cells whose row is not current (from before the activation
+layout, or of a config whose parameter count has changed since: marked † in the table) are
+compiled again, and a current row that lacks a max/chip keeps its compile at the paper's batch
+and gets the search only. The mesh shards parameters over as many chips
 as divide d_model (fsdp = gcd(chips, d_model)) and data-parallelises the rest.
 """
 import os
@@ -39,6 +42,9 @@ _SEARCH = flags.DEFINE_enum("search", "exact", ["exact", "estimate", "none"],
                             "none.")
 _RENDER = flags.DEFINE_bool("render", False, "Print the Markdown table of --out and exit.")
 _REDO = flags.DEFINE_bool("redo", False, "Compile cells that --out already has, again.")
+_WRITE_DOCS = flags.DEFINE_bool("write_docs", False, "With --render: replace the table in "
+                                "README.md and docs/models.md instead of printing it.")
+DOCS = ("README.md", os.path.join("docs", "models.md"))
 
 PAPER_BATCH = 256
 
@@ -69,10 +75,20 @@ def _rows(path):
     return {(r["spec"], r["topology"]): r for r in map(json.loads, filter(str.strip, f))}
 
 
+def current(row) -> bool:
+  """Whether a row was compiled with the current code for the config as it is now: dated (rows
+  from before the activation layout are not), and of the parameter count the config has now
+  (the late models' ViT got heads of 64 after their first rows)."""
+  from nmm_jax.scaling import flops
+  config = config_for(row["spec"], row["chips"])
+  return bool(row.get("compiled")) and row.get("params") == flops.param_counts(
+      config.model)["total"]
+
+
 def _complete(row, search):
-  """Whether a cell's row needs no more compiles: current (dated), and with a max/chip unless
-  none is searched."""
-  return bool(row.get("compiled")) and (search == "none" or "max_per_chip_batch" in row)
+  """Whether a cell's row needs no more compiles: current, and with a max/chip unless none is
+  searched."""
+  return bool(row) and current(row) and (search == "none" or "max_per_chip_batch" in row)
 
 
 def measure(spec, target, search, previous=None):
@@ -103,9 +119,26 @@ def measure(spec, target, search, previous=None):
   return row
 
 
+def write_docs(table_lines):
+  """Replaces the table (from its header line to the first line that is not a table row) in
+  each of DOCS."""
+  for name in DOCS:
+    path = os.path.join(ROOT, name)
+    with open(path) as f:
+      lines = f.read().split("\n")
+    start = next((i for i, line in enumerate(lines) if line.startswith("| config | h100-8")), None)
+    if start is None:
+      raise SystemExit(f"{name}: no fit table (a line starting '| config | h100-8') to replace")
+    end = next(i for i in range(start, len(lines) + 1)
+               if i == len(lines) or not lines[i].startswith("|"))
+    with open(path, "w") as f:
+      f.write("\n".join(lines[:start] + table_lines + lines[end:]))
+    print(f"{name}: table of {len(table_lines) - 2} rows written")
+
+
 def render(path):
   """One row per config; per topology: fits at batch 256 (and the per-chip peak there), the
-  largest per-chip batch (and its peak), the compile time of one step."""
+  largest per-chip batch (and its peak), the compile time of one step. Returns the lines."""
   rows = _rows(path)
   topologies = list(dict.fromkeys(t for _, t in rows))
   header = ["config"]
@@ -113,8 +146,7 @@ def render(path):
     chips = next(r["chips"] for (_, tt), r in rows.items() if tt == t)
     header += [f"{t}: batch 256 ({256 // chips if chips <= 256 else 1}/chip)",
                f"{t}: max/chip", f"{t}: compile"]
-  print("| " + " | ".join(header) + " |")
-  print("|" + "---|" * len(header))
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for spec in all_specs():
     cells = [spec.split(":")[1]]
     for t in topologies:
@@ -122,8 +154,9 @@ def render(path):
       if r is None:
         cells += ["not compiled yet", "", ""]
         continue
-      # † marks rows from before the current layout (no "compiled" date): upper bounds.
-      old = "" if r.get("compiled") else " †"
+      # † marks rows that are not current: from before the current layout, or of a model
+      # that has changed since.
+      old = "" if current(r) else " †"
       cells.append(f"{'fits' if r['paper_fits'] else '**no**'}, "
                    f"{r['paper_peak_bytes'] / 2 ** 30:.1f} GiB{old}")
       best = r.get("max_per_chip_batch")
@@ -131,13 +164,18 @@ def render(path):
       cells.append("" if best is None else
                    f"{mark}{best}, {r['max_peak_bytes'] / 2 ** 30:.1f} GiB" if best else "0")
       cells.append(f"{r['compile_s']:.0f} s")
-    print("| " + " | ".join(cells) + " |")
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines
 
 
 def main(argv):
   del argv
   if _RENDER.value:
-    render(_OUT.value)
+    lines = render(_OUT.value)
+    if _WRITE_DOCS.value:
+      write_docs(lines)
+    else:
+      print("\n".join(lines))
     return
   from absl import logging
   logging.set_verbosity(logging.WARNING)
@@ -150,7 +188,7 @@ def main(argv):
       if _complete(row, _SEARCH.value):
         continue
       print(f"{spec} on {name}", flush=True)
-      row = measure(spec, target, _SEARCH.value, previous=row if row.get("compiled") else None)
+      row = measure(spec, target, _SEARCH.value, previous=row if row and current(row) else None)
       print(json.dumps(row), flush=True)
       with open(_OUT.value, "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -47,6 +47,8 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
     ({"model.flash_block_k": 64}, "config.model.flash_block_k"),
     ({"train.profile_steps": (1, 999)}, "config.train.profile_steps"),
     ({"mesh.data": 4, "mesh.fsdp": 2, "mesh.dcn_fsdp": 0}, "config.mesh.dcn_fsdp"),
+    ({"model.fusion": "late", "model.vision.num_heads": 3}, "config.model.vision.num_heads"),
+    ({"model.fusion": "late", "model.vision.head_dim": -8}, "config.model.vision.head_dim"),
 ])
 def test_bad_value_names_key(overrides, key):
   with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -24,8 +24,9 @@ LATE = {"model.fusion": "late"}
 VARIANTS = {
     "early": {},
     "late_none": LATE,
+    # The ViT's heads x head size wider than its width (configs/paper.py's ViTs differ too).
     "late_input_concat": {**LATE, "model.vision_fusion": "input_concat",
-                          "model.vision_layers": (1, -1)},
+                          "model.vision_layers": (1, -1), "model.vision.head_dim": 24},
     "late_internal_add": {**LATE, "model.vision_fusion": "internal_add",
                           "model.vision_layers": (1, -1), "model.fusion_decoder_layers": (1,)},
     "late_internal_xattn": {**LATE, "model.vision_fusion": "internal_xattn",

@@ -193,15 +193,18 @@ class NMMTorch(torch.nn.Module):
     x = patches @ p("patch_embed_CxW") + p("pos_embed_PxW")
     x = layer_norm(x, p("pre_norm.scale"), p("pre_norm.bias"), eps)
     n, length, width = x.shape
+    # vision.head_dim 0 (or absent, in older exports): heads split the width exactly.
     heads = v["num_heads"]
+    head_dim = v.get("head_dim") or width // heads
     outs = []
     for j in range(v["num_layers"]):
       blk = lambda name: p(f"blocks.{name}")[j]
       h = layer_norm(x, blk("attn_norm.scale"), blk("attn_norm.bias"), eps)
-      qkv = (h @ blk("attn.w_qkv_Wx3HE")).reshape(n, length, 3 * heads, width // heads)
+      qkv = (h @ blk("attn.w_qkv_Wx3HE")).reshape(n, length, 3 * heads, head_dim)
       q, k, vv = qkv.chunk(3, dim=2)
       full = torch.ones(n, 1, length, length, dtype=torch.bool)
-      x = x + softmax_attention(q, k, vv, full).reshape(n, length, width) @ blk("attn.w_o_HExW")
+      attended = softmax_attention(q, k, vv, full).reshape(n, length, heads * head_dim)
+      x = x + attended @ blk("attn.w_o_HExW")
       h = layer_norm(x, blk("mlp_norm.scale"), blk("mlp_norm.bias"), eps)
       x = x + gelu_mlp(h, blk("mlp.w_in_CxF"), blk("mlp.w_out_FxD"))
       outs.append(x)

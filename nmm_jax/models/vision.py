@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nmm_jax import sharding
+from nmm_jax.config import vision_head_dim
 from nmm_jax.models.dense import dense
 from nmm_jax.models.layers import REMAT_POLICIES, RESIDUAL, fan_in_init, make_param, stacked
 
@@ -48,31 +49,34 @@ class MLP(nnx.Module):
 
 class VisionAttention(nnx.Module):
   """Multi-head self-attention over the patches of one image (bidirectional, no RoPE: the
-  position embedding carries position)."""
+  position embedding carries position). Heads x head size may differ from the width (heads of
+  64 at a width that 64 does not divide, as in configs/paper.py)."""
 
-  def __init__(self, width: int, heads: int, *, param_dtype, rngs: nnx.Rngs):
-    self.heads = heads
-    self.w_qkv_Wx3HE = make_param(rngs, fan_in_init(), (width, 3 * width), ("embed", "mlp"),
-                                  param_dtype)
-    self.w_o_HExW = make_param(rngs, fan_in_init(), (width, width), ("mlp", "embed"), param_dtype)
+  def __init__(self, width: int, heads: int, head_dim: int, *, param_dtype, rngs: nnx.Rngs):
+    self.heads, self.head_dim = heads, head_dim
+    self.w_qkv_Wx3HE = make_param(rngs, fan_in_init(), (width, 3 * heads * head_dim),
+                                  ("embed", "mlp"), param_dtype)
+    self.w_o_HExW = make_param(rngs, fan_in_init(), (heads * head_dim, width), ("mlp", "embed"),
+                               param_dtype)
 
   def __call__(self, x_NxPxW, key_mask_NxP=None):
-    n, p, w = x_NxPxW.shape
-    h, e = self.heads, w // self.heads
+    n, p, _ = x_NxPxW.shape
+    h, e = self.heads, self.head_dim
     qkv = dense(x_NxPxW, self.w_qkv_Wx3HE[...].astype(x_NxPxW.dtype), ("embed", "mlp"))
     q_NxPxHxE, k_NxPxHxE, v_NxPxHxE = jnp.split(qkv.reshape(n, p, 3 * h, e), 3, axis=2)
     logits_NxHxPxP = jnp.einsum("nphe,nqhe->nhpq", q_NxPxHxE * e ** -0.5, k_NxPxHxE,
                                 preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(logits_NxHxPxP, axis=-1).astype(x_NxPxW.dtype)
     out_NxPxHxE = jnp.einsum("nhpq,nqhe->nphe", weights, v_NxPxHxE)
-    return dense(out_NxPxHxE.reshape(n, p, w), self.w_o_HExW[...].astype(x_NxPxW.dtype),
+    return dense(out_NxPxHxE.reshape(n, p, h * e), self.w_o_HExW[...].astype(x_NxPxW.dtype),
                  ("mlp", "embed"))
 
 
 class VisionBlock(nnx.Module):
   def __init__(self, v, *, eps: float, param_dtype, rngs: nnx.Rngs):
     self.attn_norm = LayerNorm(v.d_model, eps=eps, param_dtype=param_dtype, rngs=rngs)
-    self.attn = VisionAttention(v.d_model, v.num_heads, param_dtype=param_dtype, rngs=rngs)
+    self.attn = VisionAttention(v.d_model, v.num_heads, vision_head_dim(v),
+                                param_dtype=param_dtype, rngs=rngs)
     self.mlp_norm = LayerNorm(v.d_model, eps=eps, param_dtype=param_dtype, rngs=rngs)
     self.mlp = MLP(v.d_model, v.mlp_dim, v.d_model, param_dtype=param_dtype, rngs=rngs)
 

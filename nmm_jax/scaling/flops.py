@@ -8,7 +8,7 @@ slot of a row, empty ones too). Attention adds 6 * layers * S^2 * (heads * head_
 sequence (causal: half of full cost, MaxText's count), 12 * P^2 * width per encoder layer and
 image, and 12 * S * I*P * d_model per cross-attention block.
 """
-from nmm_jax.config import vision_layer_plan
+from nmm_jax.config import vision_head_dim, vision_layer_plan
 
 
 def _decoder_mlp_params(m) -> tuple:
@@ -44,7 +44,8 @@ def vision_param_counts(m) -> dict:
   "decoder_matmul" (per sequence token: the cross-attention queries and outputs)}."""
   v, d = m.vision, m.d_model
   w, f, j = v.d_model, v.mlp_dim, v.num_layers
-  encoder_matmul = _patch_dim(m) * w + j * (4 * w * w + 2 * w * f)
+  attention = v.num_heads * vision_head_dim(v)
+  encoder_matmul = _patch_dim(m) * w + j * (4 * w * attention + 2 * w * f)
   encoder_total = encoder_matmul + v.num_patches * w + 2 * w + j * 4 * w
   input_layers, injected = vision_layer_plan(m)
   inputs, blocks = len(input_layers), len(injected)
@@ -87,7 +88,8 @@ def train_flops_per_sequence(m, seq_len: int, images_per_row: int = 0) -> float:
   if m.fusion == "late" and images_per_row:
     p = m.vision.num_patches
     flops += 6.0 * counts["vision_matmul"] * images_per_row * p
-    flops += 12.0 * m.vision.num_layers * p ** 2 * m.vision.d_model * images_per_row
+    flops += (12.0 * m.vision.num_layers * p ** 2 * m.vision.num_heads
+              * vision_head_dim(m.vision) * images_per_row)
     if m.vision_fusion == "internal_xattn":
       blocks = len(vision_layer_plan(m)[1])
       flops += 12.0 * blocks * seq_len * images_per_row * p * m.d_model

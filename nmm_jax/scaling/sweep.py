@@ -69,6 +69,8 @@ def resize(model, width: int) -> dict:
     v = model.vision
     overrides.update({"model.vision.d_model": width, "model.vision.num_heads": heads,
                       "model.vision.mlp_dim": max(8, round(width * v.mlp_dim / v.d_model / 8) * 8)})
+    if v.head_dim:
+      overrides["model.vision.head_dim"] = model.head_dim
   return overrides
 
 
