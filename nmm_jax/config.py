@@ -4,6 +4,7 @@ Experiment files in configs/ call `base_config()` and change what they need. `va
 before any model is built or compiled and raises ConfigError naming the offending key.
 """
 import copy
+import math
 
 import ml_collections
 
@@ -531,8 +532,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
            f"{t.batch_size} is not divisible by the {streams} data streams")
   for axis, dim_key in (("tensor", "num_heads"), ("tensor", "num_kv_heads"), ("tensor", "mlp_dim"),
                         ("tensor", "vocab_size"), ("fsdp", "d_model")):
-    _require(getattr(m, dim_key) % mesh[axis] == 0, f"model.{dim_key}",
-             f"{getattr(m, dim_key)} is not divisible by mesh.{axis}={mesh[axis]}")
+    size = getattr(m, dim_key)
+    # The fsdp axis has a fix that keeps every device busy: shard over the largest divisor of
+    # both and data-parallelise the rest.
+    fix = (f"; e.g. --config.mesh.fsdp={math.gcd(size, mesh['fsdp'])} --config.mesh.data=-1"
+           if axis == "fsdp" else "")
+    _require(size % mesh[axis] == 0, f"model.{dim_key}",
+             f"{size} is not divisible by mesh.{axis}={mesh[axis]}{fix}")
   if m.moe.num_experts:
     _require(m.moe.num_experts % mesh["expert"] == 0, "model.moe.num_experts",
              f"{m.moe.num_experts} is not divisible by mesh.expert={mesh['expert']} (each "

@@ -237,6 +237,9 @@ def test_cli_errors_are_one_line():
   result = _nmm_compile("--config=configs/tiny.py", "--topology=cpu-8", "--per_chip_batch=1",
                         "--config.mesh.fsdp=3")
   assert result.returncode != 0 and "config.mesh" in result.stderr
+  result = _nmm_compile("--config=configs/tiny.py", "--topology=cpu-8", "--per_chip_batch=1",
+                        "--max_batch")
+  assert result.returncode != 0 and "exclude each other" in result.stderr.strip().splitlines()[-1]
 
 
 def test_plain_start_up_is_quiet():

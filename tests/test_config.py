@@ -55,6 +55,14 @@ def test_bad_value_names_key(overrides, key):
     validate(tiny_config(**overrides), num_devices=8)
 
 
+def test_an_fsdp_axis_the_width_does_not_divide_names_the_fix():
+  # 8 devices, d_model 36: shard over 4 and data-parallelise over 2.
+  with pytest.raises(ConfigError, match=r"--config\.mesh\.fsdp=4 --config\.mesh\.data=-1"):
+    validate(tiny_config(**{"mesh.data": 1, "mesh.fsdp": -1, "model.d_model": 36}), 8)
+  assert validate(tiny_config(**{"mesh.data": -1, "mesh.fsdp": 4, "model.d_model": 36}), 8) == \
+      dict(data=2, fsdp=4, tensor=1, expert=1)
+
+
 def test_good_config_resolves_mesh():
   assert validate(tiny_config(), 8) == dict(data=8, fsdp=1, tensor=1, expert=1)
   assert validate(tiny_config(**{"mesh.data": 2, "mesh.fsdp": -1, "mesh.tensor": 2}), 8) == \

@@ -187,3 +187,22 @@ def test_compilation_cache_under_the_workdir_unless_one_is_set(straight_run, tmp
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "compile_cache")
   finally:
     jax.config.update("jax_compilation_cache_dir", suite_cache)
+
+
+def test_bfloat16_step_keeps_float32_parameters_and_moments():
+  """model.dtype=bfloat16 computes in bf16, but the step's new parameters and AdamW moments stay
+  f32 (the master copy), over an FSDP mesh."""
+  import jax
+  import jax.numpy as jnp
+
+  from nmm_jax import config as config_lib
+  from nmm_jax import sharding
+  from nmm_jax.data import pipeline
+  from nmm_jax.train import program as program_lib
+  config = tiny_config(**{"model.dtype": "bfloat16", "mesh.data": 2, "mesh.fsdp": 4})
+  mesh = sharding.make_mesh(config_lib.validate(config, 8), jax.devices()[:8])
+  program = program_lib.build(config, mesh, len(pipeline.source_names(config)))
+  new_state, _ = program_lib.lower_train_step(program, config, 8).out_info
+  floats = [x for x in jax.tree.leaves(new_state["params"]) + jax.tree.leaves(
+      new_state["opt_state"]) if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert len(floats) > 10 and all(x.dtype == jnp.float32 for x in floats)

@@ -103,6 +103,9 @@ def main(argv):
   from nmm_jax import xla_flags
   from nmm_jax.compile import report, topologies
   from nmm_jax.config import ConfigError
+  if _MAX_BATCH.value and _PER_CHIP_BATCH.value is not None:
+    sys.exit("nmm-compile: --per_chip_batch and --max_batch exclude each other (--max_batch "
+             "searches the per-chip batch)")
   quiet = _JSON.value
   log = (lambda *a, **k: None) if quiet else print
   try:

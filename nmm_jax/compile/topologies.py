@@ -88,6 +88,16 @@ def quiet_stderr():
       os.close(saved)
 
 
+def _described(name: str, describe):
+  """The compile-only devices of `describe()`: a backend that is installed but cannot make them
+  (a libtpu or plugin of another JAX version, a topology it does not know) is one line."""
+  try:
+    return describe().devices
+  except Exception as e:  # noqa: BLE001 (the backends raise their own XlaRuntimeErrors)
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise TopologyError(f"{name}: the installed backend cannot describe it: {first}") from e
+
+
 def _tpu(name: str, generation: str, count: int) -> Target:
   prefix, per_chip, hbm, dims = TPU_GENERATIONS[generation]
   if count % per_chip:
@@ -103,7 +113,8 @@ def _tpu(name: str, generation: str, count: int) -> Target:
   # allows one process per machine, by a lock file).
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   with quiet_stderr():
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=f"{prefix}:{grid}").devices
+    devices = _described(name, lambda: topologies.get_topology_desc(
+        platform="tpu", topology_name=f"{prefix}:{grid}"))
   return Target(name, list(devices), devices[0].device_kind, hbm, "tpu")
 
 
@@ -120,8 +131,8 @@ def _h100(name: str, count: int) -> Target:
     target_config = f.read()
   with quiet_stderr():
     hosts = f"{count // 8}x1x8"  # hosts x 1 x GPUs per host, NVLink inside a host
-    devices = topologies.get_topology_desc(hosts, platform="cuda", target_config=target_config,
-                                           topology=hosts).devices
+    devices = _described(name, lambda: topologies.get_topology_desc(
+        hosts, platform="cuda", target_config=target_config, topology=hosts))
   hbm = int(re.search(r"device_memory_size:\s*(\d+)", target_config).group(1))
   return Target(name, list(devices), devices[0].device_kind, hbm, "cuda")
 
