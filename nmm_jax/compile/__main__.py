@@ -18,8 +18,10 @@ def _prepare_environment(argv):
   """Before JAX starts: compile-only targets need no attached device, so JAX runs on the CPU
   (on a TPU VM this leaves the chips to the job that holds them); cpu-N needs N host devices."""
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  for arg in argv:
-    match = re.fullmatch(r"--topology=cpu-(\d+)", arg)
+  # absl takes both --topology=cpu-8 and --topology cpu-8 (and one dash).
+  joined = [f"{a}={b}" if re.fullmatch(r"--?topology", a) else a for a, b in zip(argv, argv[1:])]
+  for arg in joined + argv[-1:]:
+    match = re.fullmatch(r"--?topology=cpu-(\d+)", arg)
     if match:
       os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
                                  f"device_count={match.group(1)}").strip()
