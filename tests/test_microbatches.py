@@ -6,6 +6,7 @@ import shutil
 import jax
 import numpy as np
 import optax
+import pytest
 
 from conftest import tiny_config
 from nmm_jax import sharding
@@ -30,13 +31,20 @@ def _one_step(config, data_dir):
   return jax.device_get(metrics), before, params
 
 
-def test_microbatches_make_the_same_update(shapes_data_dir, monkeypatch):
+# Dropless top-1 MoE with the router z-loss (a mean over the whole batch's tokens, so the
+# microbatches sum to it) and without the Switch load-balancing loss: that one multiplies two
+# means over the tokens a layer sees, so K microbatches average K other values (as in Megatron).
+MOE = {"model.moe.num_experts": 4, "model.moe.top_k": 1, "model.moe.load_balance_weight": 0.0}
+
+
+@pytest.mark.parametrize("model", [{}, MOE], ids=["dense", "moe_dropless"])
+def test_microbatches_make_the_same_update(model, shapes_data_dir, monkeypatch):
   """f32, on a data x fsdp mesh: loss, gradient norm, loss sums and every parameter's gradient
   equal K=1's to 1e-5 (relative; a tensor's gradient within its norm). The gradients are read
   as the update of plain SGD at rate 1: AdamW's first step divides each gradient by its own
   magnitude, which turns the last bits of a near-zero gradient into a visible difference."""
   monkeypatch.setattr(optimizer_lib, "make_optimizer", lambda t, model=None: optax.sgd(1.0))
-  overrides = {"data.dir": shapes_data_dir, "mesh.data": 4, "mesh.fsdp": 2}
+  overrides = {"data.dir": shapes_data_dir, "mesh.data": 4, "mesh.fsdp": 2, **model}
   whole, start, whole_params = _one_step(tiny_config(**overrides), shapes_data_dir)
   parts, _, parts_params = _one_step(tiny_config(**overrides, **{"train.microbatches": 4}),
                                      shapes_data_dir)

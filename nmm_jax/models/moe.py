@@ -173,7 +173,10 @@ class MoEMLP(nnx.Module):
     kept_N = kept_BxLxK.reshape(n, k).astype(jnp.float32).sum(-1)
     stats = {
         "load_balance": e * jnp.sum(share_X * mean_prob_X),
-        "z_loss": jnp.sum(jnp.square(lse_N) * valid_N) / real,
+        # A sum and a count, not their ratio: the train step divides by the whole batch's
+        # real tokens, so microbatches give the batch's mean exactly.
+        "z_loss_sum": jnp.sum(jnp.square(lse_N) * valid_N),
+        "real_tokens": valid_N.sum(),
         "image_per_expert": (assigned_NxX * image_N[:, None]).sum(0),
         "text_per_expert": (assigned_NxX * (valid_N - image_N)[:, None]).sum(0),
         "dropped": jnp.sum((k - kept_N) * valid_N),

@@ -154,7 +154,8 @@ def router_metrics(stats) -> dict:
   image, text = np.asarray(stats["image_per_expert"]), np.asarray(stats["text_per_expert"])
   total = image + text
   out = {"moe/load_balance": float(np.mean(stats["load_balance"])),
-         "moe/z_loss": float(np.mean(stats["z_loss"])),
+         "moe/z_loss": float(np.mean(stats["z_loss_sum"])
+                             / max(float(np.mean(stats["real_tokens"])), 1.0)),
          "moe/dropped": float(np.sum(stats["dropped"])),
          "moe/imbalance": float(np.mean(total.max(-1) / np.maximum(total.mean(-1), 1e-9))),
          # Assignments of image / text tokens per layer (top_k per token): the shares' totals.

@@ -9,14 +9,17 @@ from nmm_jax.models.moe import is_router_bias, update_router_bias
 from nmm_jax.train.loss import loss_sums, weighted_nll
 
 
-def moe_aux_loss(stats, moe):
+def moe_aux_loss(stats, moe, real_tokens, microbatches: int = 1):
   """The weighted MoE auxiliary losses, averaged over layers (0 for dense models). With
-  moe.balance="bias" the bias balances the load and the balance loss is left out."""
+  moe.balance="bias" the bias balances the load and the balance loss is left out. The router
+  z-loss is a mean over the whole batch's `real_tokens`, so microbatches sum to it exactly; the
+  balance loss multiplies two means over the tokens a layer sees, so `microbatches` of them
+  are averaged (Switch and Megatron do the same)."""
   if not stats:
     return 0.0
   balance = 0.0 if moe.balance == "bias" else moe.load_balance_weight
-  return (balance * jnp.mean(stats["load_balance"])
-          + moe.z_loss_weight * jnp.mean(stats["z_loss"]))
+  return (balance * jnp.mean(stats["load_balance"]) / microbatches
+          + moe.z_loss_weight * jnp.mean(stats["z_loss_sum"]) / real_tokens)
 
 
 def with_router_bias_updated(params, stats, moe):
@@ -58,7 +61,7 @@ def join_microbatches(x_KxBk):
 
 
 # MoE statistics that are means over the batch (the rest are counts, summed over microbatches).
-_MEAN_STATS = ("load_balance", "z_loss")
+_MEAN_STATS = ("load_balance",)
 
 
 def make_train_step(graphdef, tx, schedule, num_sources, loss_chunk, moe=None,
@@ -69,13 +72,15 @@ def make_train_step(graphdef, tx, schedule, num_sources, loss_chunk, moe=None,
   the whole batch's token count)."""
   def train_step(state, batch):
     count = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+    # The tokens the MoE layers route (models/nmm.py: segment id > 0), over the whole batch.
+    real_tokens = jnp.maximum(jnp.sum(batch["segment_ids"] > 0), 1).astype(jnp.float32)
 
     def loss_fn(params, part):
       model = nnx.merge(graphdef, in_compute_dtype(params, compute_dtype))
       hidden_BxLxD, moe_stats = model.forward(part)
       loss, nll_BxL = weighted_nll(hidden_BxLxD, model.head_weight_DxV(), part["targets"],
                                    part["loss_mask"] / count, loss_chunk)
-      aux = moe_aux_loss(moe_stats, moe) / microbatches if moe is not None else 0.0
+      aux = moe_aux_loss(moe_stats, moe, real_tokens, microbatches) if moe is not None else 0.0
       return loss + aux, (loss, nll_BxL, moe_stats)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
