@@ -11,6 +11,7 @@ import pytest
 from conftest import tiny_config
 from nmm_jax import sharding
 from nmm_jax.data import pipeline
+from nmm_jax.export.run_checkpoint import flat_params, open_run
 from nmm_jax.models.variables import flat_variables
 from nmm_jax.train import optimizer as optimizer_lib
 from nmm_jax.train import program as program_lib
@@ -61,13 +62,20 @@ def test_microbatches_make_the_same_update(model, shapes_data_dir, monkeypatch):
 
 def test_microbatched_run_resumes_bit_identically(shapes_data_dir, tmp_path):
   """K=4 for 12 steps, checkpoints at 6 and 12; with checkpoint 12 removed the same command
-  resumes at 6 and recomputes steps 7..12 with the same losses, bit for bit."""
+  resumes at 6 and recomputes steps 7..12 with the same losses and the same parameters at 12,
+  bit for bit."""
   config = tiny_config(**{"data.dir": shapes_data_dir, "train.microbatches": 4,
                           "train.batch_size": 32, "train.steps": 12, "checkpoint.every_steps": 6,
                           "eval.every_steps": 100})
   workdir = str(tmp_path / "run")
   first = {r["step"]: r["loss"] for r in train_and_evaluate(config, workdir)}
+  first_params = flat_params(open_run(workdir, 12).params())
   shutil.rmtree(os.path.join(workdir, "checkpoints", "12"))
   again = {r["step"]: r["loss"] for r in train_and_evaluate(config, workdir)}
   assert sorted(again) == list(range(7, 13))
   assert [again[s] for s in again] == [first[s] for s in again]
+  # And the parameters it saves at 12 are the first run's, bit for bit.
+  again_params = flat_params(open_run(workdir, 12).params())
+  assert again_params.keys() == first_params.keys()
+  for name, value in first_params.items():
+    np.testing.assert_array_equal(np.asarray(again_params[name]), np.asarray(value), name)
