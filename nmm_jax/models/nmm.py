@@ -17,6 +17,12 @@ from nmm_jax.models.decoder import Decoder
 from nmm_jax.models.layers import RESIDUAL, RMSNorm, fan_in_init, make_param
 
 
+def real_tokens_BxL(batch):
+  """The positions that hold tokens: segment id 0 is padding. MoE layers route these and
+  average their statistics over them."""
+  return batch["segment_ids"] > 0
+
+
 class NMM(nnx.Module):
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     dtype = jnp.dtype(cfg.param_dtype)
@@ -61,7 +67,7 @@ class NMM(nnx.Module):
     x_BxLxD, moe_stats = self.decoder(
         self.embed(batch, images), batch["positions"], mask,
         self.front_end.injections(self, batch, images), is_image_BxL=batch["image_ids"] >= 0,
-        valid_BxL=batch["segment_ids"] > 0)
+        valid_BxL=real_tokens_BxL(batch))
     return self.final_norm(x_BxLxD), moe_stats
 
   def __call__(self, batch):
@@ -84,7 +90,7 @@ class NMM(nnx.Module):
     token [B, V] f32, the decoding state for `decode`)."""
     b, p = prompt["tokens"].shape
     images = self.front_end.encode(self, prompt)
-    valid_BxP = prompt["segment_ids"] > 0
+    valid_BxP = real_tokens_BxL(prompt)
     mask = attention_kernels.attention_mask_for(self.attention, prompt["segment_ids"],
                                                 prompt["image_ids"], attention_mask)
     if not isinstance(mask, attention_kernels.KeyRanges):

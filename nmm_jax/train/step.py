@@ -6,6 +6,7 @@ from flax import nnx
 
 from nmm_jax.models.lm_head import token_nll
 from nmm_jax.models.moe import is_router_bias, update_router_bias
+from nmm_jax.models.nmm import real_tokens_BxL
 from nmm_jax.train.loss import loss_sums, weighted_nll
 
 
@@ -72,8 +73,8 @@ def make_train_step(graphdef, tx, schedule, num_sources, loss_chunk, moe=None,
   the whole batch's token count)."""
   def train_step(state, batch):
     count = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-    # The tokens the MoE layers route (models/nmm.py: segment id > 0), over the whole batch.
-    real_tokens = jnp.maximum(jnp.sum(batch["segment_ids"] > 0), 1).astype(jnp.float32)
+    # The tokens the MoE layers route, over the whole batch (the z-loss's denominator).
+    real_tokens = jnp.maximum(jnp.sum(real_tokens_BxL(batch)), 1).astype(jnp.float32)
 
     def loss_fn(params, part):
       model = nnx.merge(graphdef, in_compute_dtype(params, compute_dtype))
