@@ -200,11 +200,13 @@ class NMMTorch(torch.nn.Module):
     for j in range(v["num_layers"]):
       blk = lambda name: p(f"blocks.{name}")[j]
       h = layer_norm(x, blk("attn_norm.scale"), blk("attn_norm.bias"), eps)
-      qkv = (h @ blk("attn.w_qkv_Wx3HE")).reshape(n, length, 3 * heads, head_dim)
-      q, k, vv = qkv.chunk(3, dim=2)
+      # Columns head-major: [W, H, 3, E].
+      qkv = (h @ blk("attn.w_qkv_WxHx3xE").reshape(width, -1)).reshape(n, length, heads, 3,
+                                                                       head_dim)
+      q, k, vv = qkv.unbind(3)
       full = torch.ones(n, 1, length, length, dtype=torch.bool)
       attended = softmax_attention(q, k, vv, full).reshape(n, length, heads * head_dim)
-      x = x + attended @ blk("attn.w_o_HExW")
+      x = x + attended @ blk("attn.w_o_HxExW").reshape(heads * head_dim, width)
       h = layer_norm(x, blk("mlp_norm.scale"), blk("mlp_norm.bias"), eps)
       x = x + gelu_mlp(h, blk("mlp.w_in_CxF"), blk("mlp.w_out_FxD"))
       outs.append(x)

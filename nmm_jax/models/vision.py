@@ -14,6 +14,9 @@ from nmm_jax.config import vision_head_dim
 from nmm_jax.models.dense import dense
 from nmm_jax.models.layers import REMAT_POLICIES, RESIDUAL, fan_in_init, make_param, stacked
 
+# Per-head activations: images over the batch axes, heads over the tensor axis.
+_HEADS = ("batch", None, "activation_heads", None, None)
+
 
 class LayerNorm(nnx.Module):
   def __init__(self, dim: int, *, eps: float, param_dtype, rngs: nnx.Rngs):
@@ -50,26 +53,34 @@ class MLP(nnx.Module):
 class VisionAttention(nnx.Module):
   """Multi-head self-attention over the patches of one image (bidirectional, no RoPE: the
   position embedding carries position). Heads x head size may differ from the width (heads of
-  64 at a width that 64 does not divide, as in configs/paper.py)."""
+  64 at a width that 64 does not divide, as in configs/paper.py).
+
+  q, k and v are one matmul whose columns are ordered head-major ([W, H, 3, E]): a tensor axis
+  that splits the heads gives each device whole heads' q, k and v. Ordered [W, 3, H, E], its
+  slice of the columns held other heads' q and k, and splitting them moved activations between
+  devices (collective-permutes and all-to-alls in every ViT layer at tensor=2)."""
 
   def __init__(self, width: int, heads: int, head_dim: int, *, param_dtype, rngs: nnx.Rngs):
     self.heads, self.head_dim = heads, head_dim
-    self.w_qkv_Wx3HE = make_param(rngs, fan_in_init(), (width, 3 * heads * head_dim),
-                                  ("embed", "mlp"), param_dtype)
-    self.w_o_HExW = make_param(rngs, fan_in_init(), (heads * head_dim, width), ("mlp", "embed"),
-                               param_dtype)
+    self.w_qkv_WxHx3xE = make_param(rngs, fan_in_init(), (width, heads, 3, head_dim),
+                                    ("embed", "heads", None, None), param_dtype)
+    self.w_o_HxExW = make_param(rngs, fan_in_init(2), (heads, head_dim, width),
+                                ("heads", None, "embed"), param_dtype)
 
-  def __call__(self, x_NxPxW, key_mask_NxP=None):
-    n, p, _ = x_NxPxW.shape
+  def __call__(self, x_NxPxW):
+    n, p, w = x_NxPxW.shape
     h, e = self.heads, self.head_dim
-    qkv = dense(x_NxPxW, self.w_qkv_Wx3HE[...].astype(x_NxPxW.dtype), ("embed", "mlp"))
-    q_NxPxHxE, k_NxPxHxE, v_NxPxHxE = jnp.split(qkv.reshape(n, p, 3 * h, e), 3, axis=2)
+    w_qkv_WxHx3E = self.w_qkv_WxHx3xE[...].astype(x_NxPxW.dtype).reshape(w, h * 3 * e)
+    qkv_NxPxHx3xE = sharding.constrain(
+        dense(x_NxPxW, w_qkv_WxHx3E, ("embed", "heads")).reshape(n, p, h, 3, e), _HEADS)
+    q_NxPxHxE, k_NxPxHxE, v_NxPxHxE = (qkv_NxPxHx3xE[:, :, :, i] for i in range(3))
     logits_NxHxPxP = jnp.einsum("nphe,nqhe->nhpq", q_NxPxHxE * e ** -0.5, k_NxPxHxE,
                                 preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(logits_NxHxPxP, axis=-1).astype(x_NxPxW.dtype)
-    out_NxPxHxE = jnp.einsum("nhpq,nqhe->nphe", weights, v_NxPxHxE)
-    return dense(out_NxPxHxE.reshape(n, p, h * e), self.w_o_HExW[...].astype(x_NxPxW.dtype),
-                 ("mlp", "embed"))
+    out_NxPxHxE = sharding.constrain(jnp.einsum("nhpq,nqhe->nphe", weights, v_NxPxHxE),
+                                     _HEADS[:-1])
+    w_o_HExW = self.w_o_HxExW[...].astype(x_NxPxW.dtype).reshape(h * e, w)
+    return dense(out_NxPxHxE.reshape(n, p, h * e), w_o_HExW, ("heads", "embed"))
 
 
 class VisionBlock(nnx.Module):
