@@ -228,6 +228,9 @@ def test_cli_compiles_a_paper_config_for_a_v5p_slice():
   assert collectives["all-reduce"]["bytes"] < 1.1 * 800 * 50304 * 2
   assert "TPU_WORKER_HOSTNAMES" not in result.stderr and "libtpu" not in result.stderr
   assert "peak estimate" in result.stdout
+  # libtpu's own live-buffer peak is reported beside the estimate, and is not above it.
+  assert 0 < r["compiler_peak_bytes"] <= r["peak_bytes"]
+  assert "compiler's peak" in result.stdout
 
 
 def test_cli_errors_are_one_line():

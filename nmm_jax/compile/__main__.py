@@ -73,6 +73,9 @@ def describe(r) -> str:
          f"({100 * r['margin_bytes'] / r['hbm_bytes']:.0f} %) to spare" if r["fits"] else
          f"DOES NOT FIT, {-r['margin_bytes'] / GIB:.2f} GiB over"),
   ]
+  if r.get("compiler_peak_bytes"):
+    lines.append(f"  compiler's peak   {_gib(r['compiler_peak_bytes'])}  (libtpu's live-buffer "
+                 f"peak; the estimate above counts every temporary it reports)")
   model = r["model_flops_per_chip"]
   if r["compiled_flops_per_chip"]:
     compiled = r["compiled_flops_per_chip"]
