@@ -74,8 +74,8 @@ def describe(r) -> str:
          f"DOES NOT FIT, {-r['margin_bytes'] / GIB:.2f} GiB over"),
   ]
   if r.get("compiler_peak_bytes"):
-    lines.append(f"  compiler's peak   {_gib(r['compiler_peak_bytes'])}  (libtpu's live-buffer "
-                 f"peak; the estimate above counts every temporary it reports)")
+    lines.append(f"  compiler's peak   {_gib(r['compiler_peak_bytes'])}  (the compiler's own "
+                 f"live-buffer peak; the estimate above counts every temporary it reports)")
   model = r["model_flops_per_chip"]
   if r["compiled_flops_per_chip"]:
     compiled = r["compiled_flops_per_chip"]

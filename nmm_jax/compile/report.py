@@ -99,10 +99,10 @@ def compile_step(config, target, per_chip_batch: int, count_flops: bool = False)
       "temp_bytes": memory.temp_size_in_bytes,
       # A program the compiler refused does not fit, whatever the estimate says.
       "peak_bytes": peak, "hbm_bytes": target.hbm_bytes,
-      # libtpu's own peak, when it gives one: the most HBM its buffers hold at once. Its
-      # temporaries figure (temp_bytes) is larger, by 0.4-0.6 GiB in the late models on v5p-8,
-      # beyond the buffers the HLO dump's buffer assignment lists; the fit and the table keep
-      # the larger, conservative sum (peak_bytes).
+      # The compiler's own peak, when it gives one (libtpu, XLA:GPU): the most HBM its buffers
+      # hold at once. libtpu's temporaries figure (temp_bytes) is larger, by 0.4-0.6 GiB in
+      # the late models on v5p-8, beyond the buffers the HLO dump's buffer assignment lists;
+      # the fit and the table keep the larger, conservative sum (peak_bytes).
       "compiler_peak_bytes": getattr(memory, "peak_memory_in_bytes", 0) or None,
       "fits": compiled is not None and peak <= target.hbm_bytes,
       "margin_bytes": target.hbm_bytes - peak,
